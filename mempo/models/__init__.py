@@ -1,0 +1,1 @@
+"""Model integrations (Hugging Face transformers attention backends)."""

@@ -1,0 +1,189 @@
+"""SegmentLayout builders and tile tables vs brute-force token-level visibility."""
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mempo.segment_blocks import _tile_kinds, build_blocks
+from mempo.segment_layout import Segment, SegmentLayout
+
+
+def random_trajectory(rng: np.random.Generator, turns: int = 4, max_len: int = 9,
+                      probes: int = 1) -> tuple[list[Segment], np.ndarray]:
+    """A MemPO-like trajectory: prompt, then per turn think/memory/information segments
+    (some empty or one token) dropped at random later segment starts, then probes that
+    see the prompt and one memory. -> (segments, position ids)."""
+    kinds = ["prompt"] + [k for _ in range(turns) for k in ("think", "memory", "information")]
+    lengths = [int(rng.integers(1, max_len))] + [int(rng.integers(0, max_len)) for _ in kinds[1:]]
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    length = int(starts[-1])
+    segs = []
+    for i, (kind, n) in enumerate(zip(kinds, lengths)):
+        dropped = None
+        if i > 0 and rng.random() < 0.6:
+            dropped = int(rng.choice(starts[i + 1:]))  # a later segment start, or the length
+        segs.append(Segment(kind, (i + 2) // 3, int(starts[i]), int(starts[i + 1]), dropped))
+    pos = list(range(length))
+    memories = [i for i, s in enumerate(segs) if s.kind == "memory"]
+    for _ in range(probes):
+        n = int(rng.integers(1, max_len))
+        mem = int(rng.choice(memories))
+        segs.append(Segment("probe", segs[mem].step, length, length + n, sees=[0, mem]))
+        pos += list(range(segs[mem].end, segs[mem].end + n))  # the probe continues after its memory
+        length += n
+    if rng.random() < 0.3:  # drops landing exactly at the end of the trajectory
+        segs[-1].dropped_at = length if segs[-1].sees is None else None
+    return segs, np.asarray(pos)
+
+
+def random_layout(rng: np.random.Generator, sequences: int = 3, **kw) -> SegmentLayout:
+    trajs = [random_trajectory(rng, **kw) for _ in range(sequences)]
+    return SegmentLayout.from_segments([t[0] for t in trajs], [t[1] for t in trajs])
+
+
+def brute_force_mask(sequences: list[list[Segment]]) -> torch.Tensor:
+    """Token-level rule straight from the issue: k <= q and k's segment not dropped at q."""
+    blocks = []
+    for segs in sequences:
+        n = segs[-1].end
+        seg_of = [i for i, s in enumerate(segs) for _ in range(s.start, s.end)]
+        m = torch.zeros(n, n, dtype=torch.bool)
+        for q in range(n):
+            sq = segs[seg_of[q]]
+            for k in range(q + 1):
+                sk = segs[seg_of[k]]
+                if sq.sees is not None:
+                    m[q, k] = seg_of[k] in sq.sees or seg_of[k] == seg_of[q]
+                else:
+                    m[q, k] = sk.dropped_at is None or q < sk.dropped_at
+        blocks.append(m)
+    return torch.block_diag(*blocks).bool()
+
+
+def test_from_segments_matches_token_rule(seed):
+    rng = np.random.default_rng(seed)
+    trajs = [random_trajectory(rng, turns=int(rng.integers(1, 6))) for _ in range(4)]
+    layout = SegmentLayout.from_segments([t[0] for t in trajs], [t[1] for t in trajs])
+    assert torch.equal(layout.dense_mask(), brute_force_mask([t[0] for t in trajs]))
+    assert torch.equal(layout.position_ids, torch.from_numpy(np.concatenate([t[1] for t in trajs])))
+    assert layout.cu_seqlens.tolist() == [0, *np.cumsum([t[0][-1].end for t in trajs]).tolist()]
+
+
+def test_rollout_segments_are_accepted():
+    """The rollout's TrajectorySegment (no `sees`) builds the same layout as Segment."""
+    from mempo.rollout.trajectory import TrajectorySegment
+    spec = [("prompt", 0, 0, 4, None), ("action", 1, 4, 7, 9), ("memory", 1, 7, 9, None), ("action", 2, 9, 12, None)]
+    a = SegmentLayout.from_segments([[TrajectorySegment(*x) for x in spec]])
+    b = SegmentLayout.from_segments([[Segment(*x) for x in spec]])
+    assert torch.equal(a.visible_bits, b.visible_bits) and torch.equal(a.dense_mask(), b.dense_mask())
+    assert not a.dense_mask()[9, 5] and a.dense_mask()[8, 5]
+
+
+def test_many_segments_span_several_words(seed):
+    rng = np.random.default_rng(seed)
+    segs, pos = random_trajectory(rng, turns=25, max_len=3)  # > 64 segments -> 3 words
+    small, small_pos = random_trajectory(rng, turns=1)
+    layout = SegmentLayout.from_segments([segs, small], [pos, small_pos])
+    assert layout.visible_bits.shape[1] == -(-len(segs) // 32) >= 3
+    assert torch.equal(layout.dense_mask(), brute_force_mask([segs, small]))
+
+
+def test_from_tables_arbitrary_visibility(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [rng.integers(0, 5, size=n).tolist() for n in (6, 3)]
+    for lens in lengths:
+        lens[0] += 1
+    tables = [rng.random((len(x), len(x))) < 0.5 for x in lengths]
+    layout = SegmentLayout.from_tables(lengths, tables)
+    mask = layout.dense_mask()
+    off = 0
+    for lens, table in zip(lengths, tables):
+        seg = np.repeat(np.arange(len(lens)), lens)
+        n = len(seg)
+        expect = (table | np.eye(len(lens), dtype=bool))[seg][:, seg] & np.tri(n, dtype=bool)
+        assert np.array_equal(mask[off:off + n, off:off + n].numpy(), expect)
+        assert not mask[off:off + n, off + n:].any() and not mask[off:off + n, :off].any()
+        off += n
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([[Segment("prompt", 0, 0, 3), Segment("think", 1, 4, 6)]], "tile"),
+    ([[Segment("prompt", 0, 0, 3), Segment("think", 1, 3, 6, dropped_at=4)]], "dropped_at"),
+    ([[Segment("prompt", 0, 0, 3), Segment("think", 1, 3, 6, dropped_at=3), Segment("memory", 1, 6, 7)]],
+     "dropped_at"),
+    ([[]], "no segments"),
+])
+def test_bad_segments_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SegmentLayout.from_segments(bad)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="kind"):
+        Segment("thought", 0, 0, 1)
+    with pytest.raises(ValueError, match=r"position_ids\[0\]"):
+        SegmentLayout.from_segments([[Segment("prompt", 0, 0, 3)]], [[0, 1]])
+    with pytest.raises(ValueError, match=r"visible\[0\]"):
+        SegmentLayout.from_tables([[2, 2]], [np.ones((3, 3), bool)])
+
+
+@pytest.mark.parametrize("block_m, block_n", [(16, 16), (16, 32), (32, 16), (64, 64)])
+def test_tile_kinds_are_sound(seed, block_m, block_n):
+    """empty tiles hold no visible pair, full tiles only visible pairs (whole blocks)."""
+    rng = np.random.default_rng(seed)
+    layout = random_layout(rng, sequences=2, turns=6, max_len=30)
+    mask = layout.dense_mask()
+    cu = layout.cu_seqlens.tolist()
+    blocks = build_blocks(layout, block_m, block_n)
+    listed = {}
+    for r in range(len(blocks.q_block_seq)):
+        for t in range(blocks.row_ptr[r], blocks.row_ptr[r + 1]):
+            listed[(int(blocks.q_block_seq[r]), int(blocks.q_block_index[r]), int(blocks.row_kblock[t]))] = \
+                int(blocks.row_partial[t])
+    cols = {(int(blocks.k_block_seq[c]), int(blocks.col_qblock[t]), int(blocks.k_block_index[c])): int(blocks.col_partial[t])
+            for c in range(len(blocks.k_block_seq)) for t in range(blocks.col_ptr[c], blocks.col_ptr[c + 1])}
+    assert cols == listed
+    for s in range(len(cu) - 1):
+        m = mask[cu[s]:cu[s + 1], cu[s]:cu[s + 1]]
+        n = m.shape[0]
+        for i in range(-(-n // block_m)):
+            for j in range(-(-n // block_n)):
+                tile = m[i * block_m:(i + 1) * block_m, j * block_n:(j + 1) * block_n]
+                key = (s, i, j)
+                if key not in listed:
+                    assert not tile.any()
+                elif listed[key] == 0:  # partial tiles may be conservative: no check
+                    assert tile.shape == (block_m, block_n) and tile.all()
+    assert 0 < blocks.density <= 1
+
+
+def test_tiles_skip_dropped_context():
+    """prompt, then two long turns; turn 2 no longer sees turn 1: its tiles are skipped."""
+    seg_len = np.array([64, 64, 64])
+    vis = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=bool)
+    kinds = _tile_kinds(seg_len, vis, 16, 16)
+    assert (kinds[8:, 4:8] == 0).all() and (kinds[8:, :4] == 1).all()
+    assert (np.diag(kinds) == 2).all()
+
+
+def test_build_time_per_trajectory(seed):
+    """MemPO-like: 64 trajectories of a 512-token prompt + 16 turns (~4k tokens each)."""
+    rng = np.random.default_rng(seed)
+    trajs = []
+    for _ in range(64):
+        segs, start = [Segment("prompt", 0, 0, 512)], 512
+        for turn in range(1, 17):
+            for kind in ("think", "memory", "information"):
+                n = int(rng.integers(20, 300))
+                segs.append(Segment(kind, turn, start, start + n))
+                start += n
+        for i, s in enumerate(segs[1:], 1):  # a turn's think/information and the previous memory go at the next memory's close
+            s.dropped_at = segs[min(i + 3, len(segs) - 1)].start if i + 3 < len(segs) else None
+        trajs.append(segs)
+    SegmentLayout.from_segments(trajs[:2])
+    t = time.perf_counter()
+    layout = SegmentLayout.from_segments(trajs)
+    per_traj = (time.perf_counter() - t) / len(trajs)
+    print(f"layout build: {per_traj * 1e6:.1f} us per trajectory ({layout.num_tokens} tokens)")
+    assert per_traj < 1e-3
