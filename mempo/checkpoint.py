@@ -243,7 +243,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                       extra=train.get("extra", {}), rank_state=rank_saved.get("rank_state", {}))
 
 
-def _hf_model(model: nn.Module) -> tuple[nn.Module, str]:
+def hf_model_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
     """The Hugging Face PreTrainedModel inside `model` and its name prefix ("" if model)."""
     for name, module in model.named_modules():
         if hasattr(module, "save_pretrained") and hasattr(module, "config"):
@@ -259,7 +259,7 @@ def export_hf(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
     Returns out_dir on rank 0, None elsewhere."""
     from safetensors.torch import save_file
 
-    hf, prefix = _hf_model(model)
+    hf, prefix = hf_model_and_prefix(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if get_rank() != 0:
         barrier()

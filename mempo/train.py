@@ -6,7 +6,8 @@ trajectories, MemPO RL, then evaluation on held-out tasks with 1, 2 and 4 object
 metrics, checkpoints and the exported policy go under runs/<name>/.
 
 Per RL step, top to bottom: sample tasks (sharded by rank; a task's G rollouts stay on one
-rank) -> roll out with the current weights (native engine; KV of dropped segments evicted)
+rank) -> roll out with the current weights (native engine: KV of dropped segments evicted;
+or engine=vllm with truncated importance sampling)
 -> probe memories, MemPO advantages -> packed micro-batches through the fused loss ->
 optimizer step -> log, checkpoint. One optimizer and one LR schedule span both phases;
 the global step counts warm-start steps first, then RL steps.
@@ -20,7 +21,7 @@ import torch
 
 from mempo.checkpoint import (checkpoint_root, export_hf, load_checkpoint, resolve_resume, save_checkpoint,
                               step_dir_name)
-from mempo.config import Config, parse_args
+from mempo.config import Config, ConfigError, parse_args
 from mempo.distributed import (all_reduce_max, all_reduce_sum, barrier, clip_grad_norm, compute_dtype,
                                destroy_distributed, init_distributed, shard_for_rank, shard_model)
 from mempo.model_builder import build_model
@@ -99,15 +100,24 @@ def rl_options(cfg: Config) -> RLStepOptions:
         scale_by_std=cfg.algorithm.scale_by_std, micro_batch_tokens=cfg.algorithm.micro_batch_tokens,
         grad_clip=cfg.optimizer.grad_clip, ppo_epochs=cfg.algorithm.ppo_epochs,
         mini_batches=cfg.algorithm.mini_batches,
+        tis_cap=cfg.rollout.tis_cap,
         loss_options=dict(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
                           dual_clip=cfg.algorithm.dual_clip, kl_coef=cfg.algorithm.kl_coef,
                           kl_estimator=cfg.algorithm.kl_estimator, loss_agg=cfg.algorithm.loss_agg),
     )
 
 
+def vllm_rollout(policy, tokenizer, cfg: Config, device: torch.device):
+    """The engine=vllm rollout: an in-process vLLM loaded from an export of the policy."""
+    from mempo.training.vllm_rollout import VLLMRollout
+
+    dtype = str(compute_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+    return VLLMRollout(policy, tokenizer, f"{cfg.trainer.output_dir}/vllm_policy", dtype=dtype,
+                       max_model_len=cfg.rollout.max_total_tokens, seed=cfg.rollout.seed,
+                       gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
+
+
 def run(cfg: Config, info) -> None:
-    if cfg.rollout.engine != "native":
-        raise NotImplementedError("rollout.engine=vllm is not wired into the trainer yet; use native")
     out_dir = cfg.trainer.output_dir
     torch.manual_seed(cfg.trainer.seed)
     random.seed(cfg.trainer.seed)
@@ -141,6 +151,7 @@ def run(cfg: Config, info) -> None:
     expert = [trajectory_from_turns(side.tokenizer, e.prompt, [(t.model, t.information) for t in e.turns], context)
               for e in side.expert_trajectories] if start < cfg.sft.steps else []
     opts = rl_options(cfg)
+    rollout_engine = engine  # engine=vllm: a VLLMRollout, built at the first RL step
     ref_policy = None  # the frozen reference: the warm-started policy, only when kl_coef > 0
 
     def reference() -> FusedPolicy:
@@ -169,9 +180,11 @@ def run(cfg: Config, info) -> None:
             rl = step - cfg.sft.steps
             if cfg.algorithm.kl_coef and ref_policy is None:
                 ref_policy = reference()
+            if cfg.rollout.engine == "vllm" and rollout_engine is engine:
+                rollout_engine = vllm_rollout(policy, side.tokenizer, cfg, info.device)
             rng = random.Random(step_seed(cfg.trainer.seed, "rl", rl))
             tasks = [side.train_tasks[rng.randrange(len(side.train_tasks))] for _ in range(cfg.rollout.batch_size)]
-            metrics = rl_step(policy, engine, side.env, side.tokenizer, shard_for_rank(tasks), opts, optimizer,
+            metrics = rl_step(policy, rollout_engine, side.env, side.tokenizer, shard_for_rank(tasks), opts, optimizer,
                               rl, guard, ref_policy)
             phase = "rl"
         metrics["lr"] = scheduler.get_last_lr()[0]
@@ -191,10 +204,15 @@ def run(cfg: Config, info) -> None:
         log.notice(f"exported the policy to {out_dir}/hf")
     log.close()
     barrier()
+    if rollout_engine is not engine:
+        rollout_engine.close()  # last: vLLM's teardown destroys the default process group
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
+    try:
+        cfg = parse_args(argv)
+    except ConfigError as err:  # a bad option: one clear line, no traceback, nothing loaded
+        raise SystemExit(f"mempo.train: {err}") from None
     info = init_distributed(cfg.trainer.device)
     try:
         run(cfg, info)

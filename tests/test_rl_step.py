@@ -63,3 +63,46 @@ def test_kl_to_reference_needs_and_uses_the_reference(monkeypatch):
     assert same["kl_ref"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the update
     after = rl_step(policy, NativeEngine(model, 2048), world.env(), tok, tasks, opts, opt, step=1, ref_policy=ref)
     assert after["kl_ref"] > 1e-6  # the update moved the policy away from the frozen reference
+
+
+@pytest.mark.parametrize("shift, weight", [(math.log(2.0), 0.5), (-5.0, 2.0)])
+def test_inexact_engine_recomputes_old_logprobs_and_reweights_tokens(monkeypatch, shift, weight):
+    """An engine whose recorded log-probs are off by `shift` (as vLLM's are after a drop):
+    the trainer recomputes the old log-probs (ratio 1, on-policy) and every token's
+    gradient is scaled by min(pi_old / pi_rollout, cap) = e^-shift capped at 2, so with SGD
+    and no clipping the update is exactly `weight` x the native engine's update."""
+    world, tok = tiny_world()
+    forced = _forced_rollout(world)
+    monkeypatch.setattr(rl_step_module, "run_rollout", forced)
+    tasks = world.tasks("train", num_objectives=1)[:2]
+
+    class ShiftedEngine:
+        def __init__(self, model):
+            self.native = NativeEngine(model, 2048)
+
+        def rollout(self, policy, env, tokenizer, tasks, group_index, context, params):
+            trajs = forced(self.native, env, tokenizer, tasks, group_index, context, params)
+            for t in trajs:
+                t.sample_logprobs = [lp + shift if m else lp for lp, m in zip(t.sample_logprobs, t.loss_mask)]
+            return trajs
+
+    def update(make_engine):
+        model = tiny_model(len(tok), seed=7, init_std=0.02)
+        policy = FusedPolicy(model, attention="segment")
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1),
+                             micro_batch_tokens=400, grad_clip=0.0, tis_cap=2.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        metrics = rl_step(policy, make_engine(model), world.env(), tok, tasks, opts, opt, step=0)
+        return metrics, [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+    native, native_delta = update(lambda m: NativeEngine(m, 2048))
+    shifted, shifted_delta = update(ShiftedEngine)
+    assert "tis/weight_mean" not in native
+    assert shifted["tis/weight_mean"] == pytest.approx(weight, rel=1e-5)
+    assert shifted["rollout/logprob_gap"] == pytest.approx(abs(shift), rel=1e-3)
+    assert shifted["ratio/mean"] == pytest.approx(1.0, abs=1e-5) and shifted["clip_fraction"] == 0.0
+    assert shifted["memory_reward/mean"] == pytest.approx(native["memory_reward/mean"], abs=1e-6)
+    assert any(d.abs().max() > 0 for d in native_delta)
+    for a, b in zip(native_delta, shifted_delta):
+        torch.testing.assert_close(b, weight * a, rtol=1e-3, atol=1e-6)  # float32 p + dp - p rounding

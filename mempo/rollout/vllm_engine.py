@@ -141,6 +141,11 @@ class VLLMEngine:
 
         return VSP(temperature=params.temperature, max_tokens=1, prompt_logprobs=0)
 
+    def close(self) -> None:
+        """Shut the in-process engine down now. vLLM's teardown also destroys torch.distributed's
+        default group (it takes it as its own), so call this after the trainer's last collective."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, prompts: list[list[int]], sampling_params: list) -> list:
         return self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params, use_tqdm=False)
 

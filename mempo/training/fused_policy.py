@@ -22,7 +22,9 @@ class FusedPolicy(nn.Module):
     """modes: "policy_loss" -> (loss, metrics); "sft" -> (loss, metrics) of token-mean NLL
     on the loss tokens; "logprobs" -> [L] float32 log-probs of the targets on loss rows (0
     elsewhere; no gradient: old or reference log-probs); "memory_rewards" -> r_mem
-    [num_memories] from the batch's probes (no gradient); "hidden" -> hidden states [L, H]."""
+    [num_memories] from the batch's probes (no gradient); "score" -> (r_mem, log-probs)
+    from one forward (engine=vllm: probes and the trainer's old log-probs together);
+    "hidden" -> hidden states [L, H]."""
 
     def __init__(self, causal_lm: nn.Module, attention: str = "segment"):
         super().__init__()
@@ -30,7 +32,7 @@ class FusedPolicy(nn.Module):
         self.attention = attention
 
     def forward(self, batch: PackedBatch, mode: str = "policy_loss", *,
-                advantages: MemPOAdvantages | None = None, temperature: float = 1.0,
+                advantages: MemPOAdvantages | Tensor | None = None, temperature: float = 1.0,
                 loss_options: dict | None = None, num_global_tokens: int | None = None,
                 ref_logprobs: Tensor | None = None):
         hidden = packed_hidden(self.lm, batch, self.attention)
@@ -43,12 +45,14 @@ class FusedPolicy(nn.Module):
                 return memory_rewards_from_hidden(hidden, weight, batch, temperature)
         mask = batch.loss_mask.to(device)
         targets = batch.targets.to(device)
-        if mode == "logprobs":
+        if mode in ("logprobs", "score"):
             with torch.no_grad():
                 rows = mask.nonzero().squeeze(1)
                 out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=device)
                 out[rows] = linear_logprobs(hidden.index_select(0, rows), weight, targets.index_select(0, rows),
                                             temperature).float()
+                if mode == "score":
+                    return memory_rewards_from_hidden(hidden, weight, batch, temperature), out
                 return out
         if mode == "sft":
             rows = mask.nonzero().squeeze(1)
@@ -58,13 +62,14 @@ class FusedPolicy(nn.Module):
             return loss, {"nll": (-logp.detach().mean() if rows.numel() else logp.new_zeros(())),
                           "num_loss_tokens": torch.tensor(float(rows.numel()))}
         if mode != "policy_loss":
-            raise ValueError(f"mode must be 'policy_loss', 'sft', 'logprobs', 'memory_rewards' or 'hidden', "
-                             f"got {mode!r}")
+            raise ValueError("mode must be 'policy_loss', 'sft', 'logprobs', 'memory_rewards', 'score' or "
+                             f"'hidden', got {mode!r}")
         if advantages is None:
             raise ValueError("mode='policy_loss' needs advantages=")
         ref = None if ref_logprobs is None else ref_logprobs.to(device)
+        seq_index = None if isinstance(advantages, MemPOAdvantages) else batch.seq_index.to(device)
         return linear_policy_loss(hidden, weight, targets, batch.old_logprobs.to(device), advantages, mask, ref,
-                                  temperature=temperature, **(loss_options or {}))
+                                  seq_index=seq_index, temperature=temperature, **(loss_options or {}))
 
 
 def micro_batch_advantages(batch: PackedBatch, traj_adv: Tensor, mem_adv: Tensor, mem_coef: float,

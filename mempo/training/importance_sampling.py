@@ -37,3 +37,27 @@ def tis_weights(trainer_old_logprobs: Tensor, rollout_logprobs: Tensor, cap: flo
     log_ratio = trainer_old_logprobs.detach().float() - rollout_logprobs.detach().float().to(trainer_old_logprobs.device)
     # clamp the log first: exp of a large gap would overflow to inf before the cap applies
     return torch.exp(log_ratio.clamp(max=float(torch.log(torch.tensor(cap, dtype=torch.float64)))))
+
+
+def trajectory_rows(batch, trajectory_lengths: list[int]) -> list[tuple[int, int]]:
+    """Packed rows [start, end) that predict tokens 1.. of each trajectory of `batch` (row j
+    of a sequence predicts its token j + 1; probes, if any, follow the trajectory)."""
+    cu = batch.cu_seqlens.tolist()
+    return [(cu[k], cu[k] + n - 1) for k, n in enumerate(trajectory_lengths)]
+
+
+def use_trainer_old_logprobs(batch, trainer_logprobs: list[Tensor], cap: float | None) -> Tensor:
+    """Make the trainer's recomputed log-probs the old policy of `batch` (in place) and
+    return the TIS weights [L] float32 (1 where cap is None, off-trajectory or on probes).
+
+    trainer_logprobs[k]: [len(trajectory k) - 1] trainer log-probs of tokens 1.. of the
+    batch's k-th trajectory; `batch.old_logprobs` holds the rollout's on entry."""
+    weights = torch.ones(batch.num_tokens, dtype=torch.float32)
+    rows = trajectory_rows(batch, [int(t.shape[0]) + 1 for t in trainer_logprobs])
+    for (start, end), trainer in zip(rows, trainer_logprobs, strict=True):
+        rollout = batch.old_logprobs[start:end].clone()
+        batch.old_logprobs[start:end] = trainer.detach().float().cpu()
+        if cap is not None:
+            mask = batch.loss_mask[start:end]
+            weights[start:end] = torch.where(mask, tis_weights(batch.old_logprobs[start:end], rollout, cap), 1.0)
+    return weights

@@ -5,9 +5,11 @@
     group-normalised advantages               -> traj_adv, mem_adv
     packed micro-batches (token budget)       -> fused loss, backward, optimizer step
 
-The update is exactly on-policy with one optimizer step per batch, so the rollout's own
-sampling log-probs are the old log-probs (the rollout == training invariant makes them
-exact); no reference model is involved unless kl_coef > 0 (then `ref_policy` scores it).
+With the native engine the rollout's own sampling log-probs are the old policy's (the
+rollout == training invariant makes them exact), so nothing is recomputed. Another engine
+(`VLLMRollout`) samples from a slightly different distribution: then the probe forward also
+recomputes the old log-probs, and tokens are reweighted by truncated importance sampling
+(opts.tis_cap). No reference model is involved unless kl_coef > 0 (`ref_policy` scores it).
 Normalisers are global (all micro-batches, all data-parallel ranks) so the gradient does
 not depend on how the batch was split.
 """
@@ -19,12 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mempo.ops.loss_inputs import token_advantages
 from mempo.distributed import all_reduce_max, all_reduce_sum, clip_grad_norm, get_rank
 from mempo.envs import score_answers
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, build_probes, run_rollout
 from mempo.rollout.trajectory import Trajectory
 
 from .fused_policy import FusedPolicy, micro_batch_advantages
+from .importance_sampling import trajectory_rows, use_trainer_old_logprobs
 from .inference_mode import full_weights
 from .mempo_advantages import batch_advantages
 from .packed_batch import FILLER, pack_trajectories, split_by_token_budget
@@ -44,6 +48,7 @@ class RLStepOptions:
     ppo_epochs: int = 1
     mini_batches: int = 1
     loss_options: dict = field(default_factory=dict)  # PolicyLossOptions fields
+    tis_cap: float | None = 2.0  # inexact engines only: cap of pi_old / pi_rollout (None = no reweighting)
 
 
 def answer_cue_and_ids(tokenizer, task, tags) -> tuple[list[int], list[int]]:
@@ -88,10 +93,13 @@ def _collective_batches(trajs: list[Trajectory], ids: list[int], max_tokens: int
         yield batch
 
 
-def rl_step(policy: FusedPolicy, engine: NativeEngine, env, tokenizer, tasks: list, opts: RLStepOptions,
+def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLStepOptions,
             optimizer: torch.optim.Optimizer, step: int, guard=None, ref_policy: FusedPolicy | None = None
             ) -> dict[str, float]:
     """One MemPO update on this rank's share of tasks (every rank calls it together).
+    engine: a NativeEngine over the policy's model (exact log-probs), or an object with
+    `rollout(policy, env, tokenizer, tasks, group_index, context, params)` (e.g. VLLMRollout)
+    whose log-probs are recomputed by the trainer.
     ref_policy: the frozen reference, needed (only) when loss_options has kl_coef > 0.
     Returns metrics over all ranks."""
     if opts.loss_options.get("kl_coef", 0.0) and ref_policy is None:
@@ -100,20 +108,31 @@ def rl_step(policy: FusedPolicy, engine: NativeEngine, env, tokenizer, tasks: li
     group_tasks = [t for t in tasks for _ in range(opts.group_size)]
     group_index = [i for i in range(len(tasks)) for _ in range(opts.group_size)]
     params = SamplingParams(**{**opts.sampling.__dict__, "seed": opts.sampling.seed + 1000 * step + get_rank()})
-    with full_weights(policy):
-        trajs = run_rollout(engine, env, tokenizer, group_tasks, group_index, opts.context, params)
+    exact = isinstance(engine, NativeEngine)
+    if exact:
+        with full_weights(policy):
+            trajs = run_rollout(engine, env, tokenizer, group_tasks, group_index, opts.context, params)
+    else:
+        trajs = engine.rollout(policy, env, tokenizer, group_tasks, group_index, opts.context, params)
     t_rollout = time.perf_counter() - t0
 
     # memory rewards: probes of every trajectory, scored without gradient
     tags = env.config.tags
     probes = [build_probes(t, *answer_cue_and_ids(tokenizer, task, tags)) for t, task in zip(trajs, group_tasks)]
     temperature = opts.sampling.temperature or 1.0
-    mem_rewards = []
+    mem_rewards, trainer_logprobs = [], {}  # the latter: old log-probs, inexact engines only
     with torch.no_grad():
         for batch in _collective_batches(trajs, list(range(len(trajs))), opts.micro_batch_tokens, probes):
-            rewards = policy(batch, mode="memory_rewards", temperature=temperature)  # inside the root forward
+            if exact:
+                rewards = policy(batch, mode="memory_rewards", temperature=temperature)  # inside the root forward
+            else:
+                rewards, logp = policy(batch, mode="score", temperature=temperature)
             if batch is not FILLER:
                 mem_rewards.append(rewards)
+                if not exact:
+                    rows = trajectory_rows(batch, [len(trajs[i]) for i in batch.trajectory_ids])
+                    for i, (a, b) in zip(batch.trajectory_ids, rows):
+                        trainer_logprobs[i] = logp[a:b].cpu()
     mem_rewards = torch.cat(mem_rewards) if mem_rewards else torch.zeros(0, dtype=torch.float64)
     adv = batch_advantages(trajs, mem_rewards, by_step=opts.memory_adv_by_step, scale_by_std=opts.scale_by_std)
     t_score = time.perf_counter() - t0 - t_rollout
@@ -124,7 +143,8 @@ def rl_step(policy: FusedPolicy, engine: NativeEngine, env, tokenizer, tasks: li
     traj_offsets = [0]
     for t in trajs:
         traj_offsets.append(traj_offsets[-1] + len(t.memory_segments()))
-    sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl_ref": 0.0}
+    sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl_ref": 0.0, "tis_weight": 0.0,
+            "rollout_logprob_gap": 0.0}
     grad_norms, skipped, updates = [], 0, 0
     order = list(range(len(trajs)))
     for _ in range(opts.ppo_epochs):
@@ -146,6 +166,14 @@ def rl_step(policy: FusedPolicy, engine: NativeEngine, env, tokenizer, tasks: li
                 ids = batch.trajectory_ids
                 mem_slice = torch.cat([adv.mem_adv[traj_offsets[i]:traj_offsets[i + 1]] for i in ids])
                 batch_adv = micro_batch_advantages(batch, adv.traj_adv[ids], mem_slice, opts.mem_coef, device)
+                if not exact:  # old = the trainer's log-probs; each token reweighted by min(pi_old/pi_rollout, cap)
+                    rollout_old = batch.old_logprobs.clone()
+                    tis = use_trainer_old_logprobs(batch, [trainer_logprobs[i] for i in ids], opts.tis_cap)
+                    batch_adv = token_advantages(batch_adv, torch.float32) * tis.to(device)
+                    m = batch.loss_mask
+                    sums["tis_weight"] += float(tis[m].sum()) / max(1, global_tokens)
+                    sums["rollout_logprob_gap"] += float((batch.old_logprobs - rollout_old)[m].abs().sum()) / max(
+                        1, global_tokens)
                 ref = None
                 if opts.loss_options.get("kl_coef", 0.0):
                     ref = ref_policy(batch, mode="logprobs", temperature=temperature)
@@ -187,6 +215,8 @@ def rl_step(policy: FusedPolicy, engine: NativeEngine, env, tokenizer, tasks: li
         "kl": all_reduce_sum(sums["approx_kl"]) / updates,
         "kl_ref": all_reduce_sum(sums["kl_ref"]) / updates,
         "ratio/mean": all_reduce_sum(sums["ratio_mean"]) / updates,
+        **({} if exact else {"tis/weight_mean": all_reduce_sum(sums["tis_weight"]) / updates,
+                             "rollout/logprob_gap": all_reduce_sum(sums["rollout_logprob_gap"]) / updates}),
         "grad_norm": statistics.mean(grad_norms),
         "skipped": float(skipped),
         "TT": mean([float(t.tokens_processed) for t in trajs]),
