@@ -30,6 +30,21 @@ def _tile_mask(q_off, k_off, seq_len, q_seg, k_seg, seg_base, bits, W):
 
 
 @triton.jit
+def _sequence(blk_seq, pid, cu_seqlens, token_segment, segment_base):
+    """(first token, length, global index of the first segment) of block pid's sequence."""
+    seq = tl.load(blk_seq + pid)
+    start = tl.load(cu_seqlens + seq)
+    return start, tl.load(cu_seqlens + seq + 1) - start, tl.load(segment_base + tl.load(token_segment + start))
+
+
+@triton.jit
+def _load_rows(ptr, start, off, valid, stride_t, head_offset, d, d_valid):
+    """[len(off), BLOCK_D] rows start + off of one head (zeros outside the sequence / head dim)."""
+    return tl.load(ptr + (start + off)[:, None] * stride_t + head_offset + d[None, :],
+                   mask=valid[:, None] & d_valid[None, :], other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, token_segment, segment_base, bits, W,
                 qb_seq, qb_index, row_ptr, row_kblock, row_partial,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -39,16 +54,12 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, token_segment, segment_base, bits, 
     pid = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
-    seq = tl.load(qb_seq + pid)
-    start = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - start
-    seg_base = tl.load(segment_base + tl.load(token_segment + start))
+    start, seq_len, seg_base = _sequence(qb_seq, pid, cu_seqlens, token_segment, segment_base)
     q_off = tl.load(qb_index + pid) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_valid = q_off < seq_len
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
-    q = tl.load(Q + (start + q_off)[:, None] * stride_qt + h * stride_qh + d[None, :],
-                mask=q_valid[:, None] & d_valid[None, :], other=0.0)
+    q = _load_rows(Q, start, q_off, q_valid, stride_qt, h * stride_qh, d, d_valid)
     q_seg = tl.load(token_segment + start + q_off, mask=q_valid, other=0)
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -56,9 +67,8 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, token_segment, segment_base, bits, 
     for t in range(tl.load(row_ptr + pid), tl.load(row_ptr + pid + 1)):
         k_off = tl.load(row_kblock + t) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_valid = k_off < seq_len
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + (start + k_off)[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (start + k_off)[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K, start, k_off, k_valid, stride_kt, kvh * stride_kh, d, d_valid)
+        v = _load_rows(V, start, k_off, k_valid, stride_vt, kvh * stride_vh, d, d_valid)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if tl.load(row_partial + t) != 0:
             k_seg = tl.where(k_valid, tl.load(token_segment + start + k_off, mask=k_valid, other=0), seg_base)
@@ -86,17 +96,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens, token_segment,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
-    seq = tl.load(kb_seq + pid)
-    start = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - start
-    seg_base = tl.load(segment_base + tl.load(token_segment + start))
+    start, seq_len, seg_base = _sequence(kb_seq, pid, cu_seqlens, token_segment, segment_base)
     k_off = tl.load(kb_index + pid) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_valid = k_off < seq_len
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
     kv_mask = k_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + (start + k_off)[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + (start + k_off)[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+    k = _load_rows(K, start, k_off, k_valid, stride_kt, kvh * stride_kh, d, d_valid)
+    v = _load_rows(V, start, k_off, k_valid, stride_vt, kvh * stride_vh, d, d_valid)
     k_seg = tl.where(k_valid, tl.load(token_segment + start + k_off, mask=k_valid, other=0), seg_base)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -107,9 +114,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens, token_segment,
         for t in range(t0, t1):
             q_off = tl.load(col_qblock + t) * BLOCK_M + tl.arange(0, BLOCK_M)
             q_valid = q_off < seq_len
-            q_mask = q_valid[:, None] & d_valid[None, :]
-            q = tl.load(Q + (start + q_off)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(DO + (start + q_off)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=q_mask, other=0.0)
+            q = _load_rows(Q, start, q_off, q_valid, stride_qt, h * stride_qh, d, d_valid)
+            do = _load_rows(DO, start, q_off, q_valid, stride_dot, h * stride_doh, d, d_valid)
             lse = tl.load(LSE + h * L + start + q_off, mask=q_valid, other=0.0)
             delta = tl.load(DELTA + h * L + start + q_off, mask=q_valid, other=0.0)
             p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
@@ -137,17 +143,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens, token_segment, segme
     pid = tl.program_id(0)
     h = tl.program_id(1)
     kvh = h // GROUP
-    seq = tl.load(qb_seq + pid)
-    start = tl.load(cu_seqlens + seq)
-    seq_len = tl.load(cu_seqlens + seq + 1) - start
-    seg_base = tl.load(segment_base + tl.load(token_segment + start))
+    start, seq_len, seg_base = _sequence(qb_seq, pid, cu_seqlens, token_segment, segment_base)
     q_off = tl.load(qb_index + pid) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_valid = q_off < seq_len
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
     q_mask = q_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + (start + q_off)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + (start + q_off)[:, None] * stride_dot + h * stride_doh + d[None, :], mask=q_mask, other=0.0)
+    q = _load_rows(Q, start, q_off, q_valid, stride_qt, h * stride_qh, d, d_valid)
+    do = _load_rows(DO, start, q_off, q_valid, stride_dot, h * stride_doh, d, d_valid)
     lse = tl.load(LSE + h * L + start + q_off, mask=q_valid, other=0.0)
     delta = tl.load(DELTA + h * L + start + q_off, mask=q_valid, other=0.0)
     q_seg = tl.load(token_segment + start + q_off, mask=q_valid, other=0)
@@ -155,9 +158,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens, token_segment, segme
     for t in range(tl.load(row_ptr + pid), tl.load(row_ptr + pid + 1)):
         k_off = tl.load(row_kblock + t) * BLOCK_N + tl.arange(0, BLOCK_N)
         k_valid = k_off < seq_len
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + (start + k_off)[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + (start + k_off)[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=kv_mask, other=0.0)
+        k = _load_rows(K, start, k_off, k_valid, stride_kt, kvh * stride_kh, d, d_valid)
+        v = _load_rows(V, start, k_off, k_valid, stride_vt, kvh * stride_vh, d, d_valid)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if tl.load(row_partial + t) != 0:
             k_seg = tl.where(k_valid, tl.load(token_segment + start + k_off, mask=k_valid, other=0), seg_base)

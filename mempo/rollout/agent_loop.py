@@ -165,12 +165,7 @@ def _forced_turn_over(row: _Row) -> bool:
 
 
 def _close_turn(row: _Row, tokenizer) -> None:
-    """Record the turn's text and its action segment (after the memory, if any)."""
-    mem_end = row.traj.segments[-1].end if row.mem_closed else row.turn_start
-    if len(row.traj) > mem_end:
-        row.traj.segments.append(TrajectorySegment("action", row.step, mem_end, len(row.traj)))
-    row.traj.turn_texts.append(tokenizer.decode(row.turn_tokens))
-    row.traj.information_texts.append(None)
+    row.traj.close_turn(row.step, row.turn_start, row.mem_closed, tokenizer.decode(row.turn_tokens))
     row.turn_tokens = None
 
 
@@ -198,13 +193,8 @@ def _evict_closed_memories(engine: NativeEngine, rows, live, policy: ContextPoli
         if not row.evict_after_feed:
             continue
         row.evict_after_feed = False
-        steps = set(policy.dropped_steps(row.step))
-        next_token = len(row.traj)  # the first token that will not see them
-        ranges = []
-        for seg in row.traj.segments:
-            if seg.step in steps and seg.dropped_at is None:
-                seg.dropped_at = next_token
-                ranges.append((seg.start, seg.end))
+        # len(traj): the first token that will not see them
+        ranges = row.traj.drop_steps(policy.dropped_steps(row.step), len(row.traj))
         if ranges:
             drops[r] = ranges
     engine.evict(drops)

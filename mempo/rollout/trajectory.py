@@ -52,6 +52,26 @@ class Trajectory:
     def position_ids(self) -> list[int]:
         return list(range(len(self.token_ids)))
 
+    def drop_steps(self, steps, at: int) -> list[tuple[int, int]]:
+        """Mark the live segments of `steps` dropped from token `at` on (the context policy's
+        decision when a memory closes) -> their token ranges, for KV eviction."""
+        steps = set(steps)
+        ranges = []
+        for seg in self.segments:
+            if seg.step in steps and seg.dropped_at is None:
+                seg.dropped_at = at
+                ranges.append((seg.start, seg.end))
+        return ranges
+
+    def close_turn(self, step: int, turn_start: int, mem_closed: bool, text: str) -> None:
+        """Record a finished turn: its action segment (the tokens after its memory, if any)
+        and its text; the tool's reply, if any, is filled in later."""
+        action_start = self.segments[-1].end if mem_closed else turn_start
+        if len(self) > action_start:
+            self.segments.append(TrajectorySegment("action", step, action_start, len(self)))
+        self.turn_texts.append(text)
+        self.information_texts.append(None)
+
     def memory_segments(self) -> list[TrajectorySegment]:
         return [s for s in self.segments if s.kind == "memory"]
 

@@ -155,10 +155,7 @@ def _take(row: _Row, new_ids, new_lps, tokenizer, tags, policy, params, eos) -> 
         row.mem_closed = True
         end = row.turn_start + mem_end
         row.traj.segments.append(TrajectorySegment("memory", row.step, row.turn_start, end))
-        dropped = set(policy.dropped_steps(row.step))
-        for seg in row.traj.segments:
-            if seg.step in dropped and seg.dropped_at is None:
-                seg.dropped_at = end
+        row.traj.drop_steps(policy.dropped_steps(row.step), end)
     text = tokenizer.decode(row.turn_ids)
     if any(s in text for s in tags.action_stops) or (row.turn_ids and row.turn_ids[-1] == eos):
         return True
@@ -179,11 +176,7 @@ def _stop_context_full(row: _Row, tokenizer) -> None:
 
 
 def _close_turn(row: _Row, tokenizer) -> None:
-    mem_end = row.traj.segments[-1].end if row.mem_closed else row.turn_start
-    if len(row.traj) > mem_end:
-        row.traj.segments.append(TrajectorySegment("action", row.step, mem_end, len(row.traj)))
-    row.traj.turn_texts.append(tokenizer.decode(row.turn_ids))
-    row.traj.information_texts.append(None)
+    row.traj.close_turn(row.step, row.turn_start, row.mem_closed, tokenizer.decode(row.turn_ids))
     row.turn_ids = None
 
 
