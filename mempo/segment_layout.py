@@ -119,14 +119,21 @@ class SegmentLayout:
         """
         tables, lengths = [], []
         for b, segs in enumerate(sequences):
-            starts = np.fromiter((s.start for s in segs), np.int64, len(segs))
-            ends = np.fromiter((s.end for s in segs), np.int64, len(segs))
+            # one pass over the Python objects; everything after it is array work
+            fields = np.array([(s.start, s.end, -1 if s.dropped_at is None else s.dropped_at,
+                                _KIND_CODES.get(s.kind, -1), s.step) for s in segs], dtype=np.int64).reshape(-1, 5)
+            starts, ends, dropped, kinds, steps = fields.T
             _check_tiling(starts, ends, f"sequences[{b}]")
+            if (kinds < 0).any():
+                j = int(np.flatnonzero(kinds < 0)[0])
+                raise ValueError(f"sequences[{b}][{j}]: segment kind must be one of {SEGMENT_KINDS}, "
+                                 f"got {segs[j].kind!r}")
             length = int(ends[-1])
-            dropped = np.fromiter((length + 1 if s.dropped_at is None else s.dropped_at for s in segs),
-                                  np.int64, len(segs))
+            dropped = np.where(dropped < 0, length + 1, dropped)
             # a drop inside or before the segment would split it: visibility is per segment
-            bad = ~np.isin(dropped, np.append(starts, [length, length + 1])) | (dropped < ends)
+            allowed = np.append(starts, [length, length + 1])  # sorted
+            at = allowed[np.minimum(np.searchsorted(allowed, dropped), len(allowed) - 1)]
+            bad = (at != dropped) | (dropped < ends)
             if bad.any():
                 j = int(np.flatnonzero(bad)[0])
                 raise ValueError(f"sequences[{b}][{j}].dropped_at={segs[j].dropped_at} must be a segment "
@@ -138,8 +145,6 @@ class SegmentLayout:
                 if sees is not None:
                     vis[a] = False
                     vis[a, np.asarray(list(sees), dtype=np.int64)] = True
-            kinds = [_kind_code(s.kind, f"sequences[{b}]") for s in segs]
-            steps = [s.step for s in segs]
             tables.append((ends - starts, vis, kinds, steps))
             lengths.append(length)
         return _pack(tables, lengths, position_ids)
@@ -166,10 +171,14 @@ class SegmentLayout:
         return _pack(tables, lengths, position_ids)
 
 
+_KIND_CODES = {kind: i for i, kind in enumerate(SEGMENT_KINDS)}
+
+
 def _kind_code(kind: str, where: str) -> int:
-    if kind not in SEGMENT_KINDS:
+    code = _KIND_CODES.get(kind)
+    if code is None:
         raise ValueError(f"{where}: segment kind must be one of {SEGMENT_KINDS}, got {kind!r}")
-    return SEGMENT_KINDS.index(kind)
+    return code
 
 
 def _check_tiling(starts: np.ndarray, ends: np.ndarray, name: str) -> None:
@@ -187,15 +196,14 @@ def _pack(tables: list, lengths: list[int], position_ids) -> SegmentLayout:
     words = -(-int(counts.max()) // BITS_PER_WORD)
     seg_lengths = np.concatenate([t[0] for t in tables])
     base = np.repeat(np.cumsum(counts) - counts, counts)
-    bits = np.zeros((int(counts.sum()), words), dtype=np.uint32)
+    total = int(counts.sum())
+    visible = np.zeros((total, words * BITS_PER_WORD), dtype=bool)
     for (_, vis, _, _), b0 in zip(tables, np.cumsum(counts) - counts):
-        n = vis.shape[0]
-        vis = vis | np.eye(n, dtype=bool)  # a token always sees itself
-        padded = np.zeros((n, words * BITS_PER_WORD), dtype=bool)
-        padded[:, :n] = vis
-        # little-endian bit order inside each 32-bit word
-        packed = np.packbits(padded.reshape(n, words, 4, 8), axis=-1, bitorder="little")
-        bits[b0:b0 + n] = packed.reshape(n, words * 4).view("<u4")
+        visible[b0:b0 + vis.shape[0], :vis.shape[0]] = vis
+    visible[np.arange(total), np.arange(total) - base] = True  # a token always sees itself
+    # little-endian bit order inside each 32-bit word
+    bits = np.packbits(visible.reshape(total, words, 4, 8), axis=-1, bitorder="little").reshape(
+        total, words * 4).view("<u4")
     ends = np.cumsum(seg_lengths)
     bounds = np.stack([ends - seg_lengths, ends], axis=1)
     if position_ids is None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mempo.segment_blocks import _tile_kinds, build_blocks
+from mempo.segment_blocks import build_blocks
 from mempo.segment_layout import Segment, SegmentLayout
 
 
@@ -160,9 +160,12 @@ def test_tile_kinds_are_sound(seed, block_m, block_n):
 
 def test_tiles_skip_dropped_context():
     """prompt, then two long turns; turn 2 no longer sees turn 1: its tiles are skipped."""
-    seg_len = np.array([64, 64, 64])
     vis = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=bool)
-    kinds = _tile_kinds(seg_len, vis, 16, 16)
+    blocks = build_blocks(SegmentLayout.from_tables([[64, 64, 64]], [vis]), 16, 16)
+    kinds = np.zeros((12, 12), dtype=np.int8)  # 0 empty (not listed), 1 full, 2 partial
+    for r in range(12):
+        for t in range(blocks.row_ptr[r], blocks.row_ptr[r + 1]):
+            kinds[r, blocks.row_kblock[t]] = 2 if blocks.row_partial[t] else 1
     assert (kinds[8:, 4:8] == 0).all() and (kinds[8:, :4] == 1).all()
     assert (np.diag(kinds) == 2).all()
 
