@@ -45,6 +45,18 @@ def _load_rows(ptr, start, off, valid, stride_t, head_offset, d, d_valid):
 
 
 @triton.jit
+def _store_rows(ptr, value, start, off, valid, stride_t, head_offset, d, d_valid):
+    tl.store(ptr + (start + off)[:, None] * stride_t + head_offset + d[None, :], value.to(ptr.dtype.element_ty),
+             mask=valid[:, None] & d_valid[None, :])
+
+
+@triton.jit
+def _segments(token_segment, start, off, valid, seg_base):
+    """Global segment of tokens start + off (the sequence's first segment outside it)."""
+    return tl.where(valid, tl.load(token_segment + start + off, mask=valid, other=0), seg_base)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, token_segment, segment_base, bits, W,
                 qb_seq, qb_index, row_ptr, row_kblock, row_partial,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -60,7 +72,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, token_segment, segment_base, bits, 
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
     q = _load_rows(Q, start, q_off, q_valid, stride_qt, h * stride_qh, d, d_valid)
-    q_seg = tl.load(token_segment + start + q_off, mask=q_valid, other=0)
+    q_seg = _segments(token_segment, start, q_off, q_valid, seg_base)
     m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -71,7 +83,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, token_segment, segment_base, bits, 
         v = _load_rows(V, start, k_off, k_valid, stride_vt, kvh * stride_vh, d, d_valid)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if tl.load(row_partial + t) != 0:
-            k_seg = tl.where(k_valid, tl.load(token_segment + start + k_off, mask=k_valid, other=0), seg_base)
+            k_seg = _segments(token_segment, start, k_off, k_valid, seg_base)
             s = tl.where(_tile_mask(q_off, k_off, seq_len, q_seg, k_seg, seg_base, bits, W), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -81,8 +93,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens, token_segment, segment_base, bits, 
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + (start + q_off)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
-             mask=q_valid[:, None] & d_valid[None, :])
+    _store_rows(O, out, start, q_off, q_valid, stride_ot, h * stride_oh, d, d_valid)
     tl.store(LSE + h * L + start + q_off, m_i + tl.log2(l_safe), mask=q_valid)
 
 
@@ -101,10 +112,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens, token_segment,
     k_valid = k_off < seq_len
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
-    kv_mask = k_valid[:, None] & d_valid[None, :]
     k = _load_rows(K, start, k_off, k_valid, stride_kt, kvh * stride_kh, d, d_valid)
     v = _load_rows(V, start, k_off, k_valid, stride_vt, kvh * stride_vh, d, d_valid)
-    k_seg = tl.where(k_valid, tl.load(token_segment + start + k_off, mask=k_valid, other=0), seg_base)
+    k_seg = _segments(token_segment, start, k_off, k_valid, seg_base)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     t0 = tl.load(col_ptr + pid)
@@ -120,16 +130,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens, token_segment,
             delta = tl.load(DELTA + h * L + start + q_off, mask=q_valid, other=0.0)
             p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
             if tl.load(col_partial + t) != 0:
-                q_seg = tl.load(token_segment + start + q_off, mask=q_valid, other=0)
+                q_seg = _segments(token_segment, start, q_off, q_valid, seg_base)
                 p = tl.where(_tile_mask(q_off, k_off, seq_len, q_seg, k_seg, seg_base, bits, W), p, 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(DK + (start + k_off)[:, None] * stride_dkt + kvh * stride_dkh + d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + (start + k_off)[:, None] * stride_dvt + kvh * stride_dvh + d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_rows(DK, dk * scale, start, k_off, k_valid, stride_dkt, kvh * stride_dkh, d, d_valid)
+    _store_rows(DV, dv, start, k_off, k_valid, stride_dvt, kvh * stride_dvh, d, d_valid)
 
 
 @triton.jit
@@ -148,12 +156,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens, token_segment, segme
     q_valid = q_off < seq_len
     d = tl.arange(0, BLOCK_D)
     d_valid = d < HEAD_DIM
-    q_mask = q_valid[:, None] & d_valid[None, :]
     q = _load_rows(Q, start, q_off, q_valid, stride_qt, h * stride_qh, d, d_valid)
     do = _load_rows(DO, start, q_off, q_valid, stride_dot, h * stride_doh, d, d_valid)
     lse = tl.load(LSE + h * L + start + q_off, mask=q_valid, other=0.0)
     delta = tl.load(DELTA + h * L + start + q_off, mask=q_valid, other=0.0)
-    q_seg = tl.load(token_segment + start + q_off, mask=q_valid, other=0)
+    q_seg = _segments(token_segment, start, q_off, q_valid, seg_base)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(tl.load(row_ptr + pid), tl.load(row_ptr + pid + 1)):
         k_off = tl.load(row_kblock + t) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,13 +169,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens, token_segment, segme
         v = _load_rows(V, start, k_off, k_valid, stride_vt, kvh * stride_vh, d, d_valid)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if tl.load(row_partial + t) != 0:
-            k_seg = tl.where(k_valid, tl.load(token_segment + start + k_off, mask=k_valid, other=0), seg_base)
+            k_seg = _segments(token_segment, start, k_off, k_valid, seg_base)
             p = tl.where(_tile_mask(q_off, k_off, seq_len, q_seg, k_seg, seg_base, bits, W), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(DQ + (start + q_off)[:, None] * stride_dqt + h * stride_dqh + d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    _store_rows(DQ, dq * scale, start, q_off, q_valid, stride_dqt, h * stride_dqh, d, d_valid)
 
 
 def _precision(dtype: torch.dtype) -> str | None:

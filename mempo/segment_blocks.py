@@ -52,6 +52,7 @@ def build_blocks(layout: SegmentLayout, block_m: int, block_n: int) -> SegmentBl
     matrices (from the segments' block ranges, not token by token) times the segment
     visibility table say which tiles hold some visible pair (non-empty) and which hold some
     hidden one (not full). Batched [B, blocks, segments] matmuls: no per-sequence loop."""
+    layout = layout.host()  # host metadata: no device sync
     cu = layout.cu_seqlens.cpu().numpy().astype(np.int64)
     bounds = layout.segment_bounds.cpu().numpy().astype(np.int64)
     seg_base = layout.segment_base.cpu().numpy().astype(np.int64)

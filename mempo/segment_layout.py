@@ -85,10 +85,22 @@ class SegmentLayout:
         return self.token_segment.device
 
     def to(self, device: torch.device | str) -> "SegmentLayout":
-        """Copy the (small) metadata to `device` once; block tables are rebuilt lazily."""
+        """Copy the (small) metadata to `device` once; block tables are rebuilt lazily, from
+        the host copy this keeps (so building them costs no device -> host transfer)."""
         names = ("cu_seqlens", "position_ids", "token_segment", "segment_base", "segment_kind",
                  "segment_step", "segment_bounds", "visible_bits")
-        return SegmentLayout(**{n: getattr(self, n).to(device) for n in names})
+        moved = SegmentLayout(**{n: getattr(self, n).to(device) for n in names})
+        if moved.device.type != "cpu":
+            moved._cache["host"] = self.host()
+        return moved
+
+    def host(self) -> "SegmentLayout":
+        """This layout on the CPU (itself, the copy it was moved from, or a new copy)."""
+        if self.device.type == "cpu":
+            return self
+        if "host" not in self._cache:
+            self._cache["host"] = self.to("cpu")
+        return self._cache["host"]
 
     def visible_segments(self) -> Tensor:
         """-> [S, max segments per sequence] bool, the bitset rows unpacked."""

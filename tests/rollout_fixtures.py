@@ -15,12 +15,13 @@ def tiny_world():
     return world, tiny_world_tokenizer(world)
 
 
-def tiny_model(vocab_size: int, seed: int = 0, init_std: float = 0.2) -> Qwen2ForCausalLM:
+def tiny_model(vocab_size: int, seed: int = 0, init_std: float = 0.2, num_heads: int = 4,
+               num_kv_heads: int = 2) -> Qwen2ForCausalLM:
     """float32, eval mode; a large init std makes attention sharp, so visibility errors
-    show up as large log-prob differences."""
+    show up as large log-prob differences. hidden 64: head_dim = 64 / num_heads."""
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, max_position_embeddings=4096,
                       initializer_range=init_std, tie_word_embeddings=False)
     return Qwen2ForCausalLM(cfg).eval()
 

@@ -194,3 +194,16 @@ def test_many_long_trajectories(seed):
             expected = [b.start <= a.start and (b.dropped_at is None or a.start < b.dropped_at) for b in segs]
             assert vis[row, :len(segs)].tolist() == expected and not vis[row, len(segs):].any()
             row += 1
+
+
+def test_tile_tables_of_a_moved_layout_come_from_its_host_copy(seed):
+    """layout.to(device) keeps the host copy it came from, and tile tables are built from
+    it: no device -> host transfer (a 'meta' device stands in for CUDA: reading it would fail)."""
+    layout = random_layout(np.random.default_rng(seed), sequences=3, turns=4, max_len=20)
+    moved = layout.to("meta")
+    assert moved.device.type == "meta" and moved.host() is layout
+    want, got = build_blocks(layout, 16, 32), build_blocks(moved, 16, 32)
+    for name, value in vars(want).items():
+        other = getattr(got, name)
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name
+    assert layout.to("cpu").host().device.type == "cpu"

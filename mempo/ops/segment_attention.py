@@ -43,27 +43,32 @@ class SegmentAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def sequence_mask(layout: SegmentLayout, seq: int) -> Tensor:
-    """-> [L_s, L_s] bool visibility of packed sequence `seq` (CPU fallback, O(L_s^2))."""
-    cu = layout.cu_seqlens
-    t0, t1 = int(cu[seq]), int(cu[seq + 1])
-    seg = layout.token_segment[t0:t1].long()
-    base = int(layout.segment_base[seg[0]])
-    local = seg - base
-    n_seg = int(local.max()) + 1
-    rows = layout.visible_segments()[base:base + n_seg, :n_seg]
-    causal = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=seg.device).tril()
-    return rows[local][:, local] & causal
+def sequence_masks(layout: SegmentLayout) -> list[tuple[int, int, Tensor]]:
+    """(start, end, [L_s, L_s] bool visibility) per packed sequence (CPU fallback, O(L_s^2)).
+    Built once per layout and cached on it: every layer's attention, forward and backward,
+    reuses the same masks."""
+    if "sequence_masks" not in layout._cache:
+        vis = layout.visible_segments()
+        cu = layout.cu_seqlens.tolist()
+        base_of = layout.segment_base.tolist()
+        out = []
+        for t0, t1 in zip(cu[:-1], cu[1:]):
+            seg = layout.token_segment[t0:t1].long()
+            base = base_of[int(seg[0])]
+            local = seg - base
+            n_seg = int(local.max()) + 1
+            causal = torch.ones(t1 - t0, t1 - t0, dtype=torch.bool, device=seg.device).tril_()
+            out.append((t0, t1, vis[base:base + n_seg, :n_seg][local][:, local] & causal))
+        layout._cache["sequence_masks"] = out
+    return layout._cache["sequence_masks"]
 
 
 def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, scale: float) -> Tensor:
-    cu = layout.cu_seqlens.tolist()
     outs = []
-    for s in range(len(cu) - 1):
-        sl = slice(cu[s], cu[s + 1])
-        mask = sequence_mask(layout, s)
-        o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-                                           attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    for t0, t1, mask in sequence_masks(layout):
+        o = F.scaled_dot_product_attention(q[t0:t1].transpose(0, 1), k[t0:t1].transpose(0, 1),
+                                           v[t0:t1].transpose(0, 1), attn_mask=mask, scale=scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])
         outs.append(o.transpose(0, 1))
     return torch.cat(outs, dim=0)
 

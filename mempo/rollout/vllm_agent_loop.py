@@ -108,13 +108,13 @@ def run_rollout_vllm(
             cached = out.num_cached_tokens or 0
             if row.forced is not None:
                 new_ids = prompt[n_ctx:]
-                new_lps = [_prompt_logprob(out.prompt_logprobs[j], t) for j, t in zip(range(n_ctx, len(prompt)), new_ids)]
+                new_lps = [_logprob(out.prompt_logprobs[j], t) for j, t in zip(range(n_ctx, len(prompt)), new_ids)]
                 row.tokens_processed += len(prompt) - cached
                 row.peak_context = max(row.peak_context, len(prompt))
             else:
                 gen = out.outputs[0]
                 new_ids = list(gen.token_ids)
-                new_lps = [_sample_logprob(lp, t) for lp, t in zip(gen.logprobs, new_ids)]
+                new_lps = [_logprob(lp, t) for lp, t in zip(gen.logprobs, new_ids)]
                 # like the native engine: the last sampled token has not been fed yet
                 row.tokens_processed += len(prompt) - cached + len(new_ids) - 1
                 row.peak_context = max(row.peak_context, len(prompt) + len(new_ids) - 1)
@@ -196,9 +196,6 @@ def _append(traj: Trajectory, ids, logprobs, loss: bool) -> None:
     traj.loss_mask += [loss] * len(ids)
 
 
-def _sample_logprob(entry, token: int) -> float:
-    return float(entry[token].logprob)
-
-
-def _prompt_logprob(entry, token: int) -> float:
+def _logprob(entry, token: int) -> float:
+    """`token`'s log-prob from one position of vLLM's sample or prompt log-probs."""
     return float(entry[token].logprob)

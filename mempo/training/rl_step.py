@@ -130,9 +130,10 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
             if batch is not FILLER:
                 mem_rewards.append(rewards)
                 if not exact:
+                    logp = logp.cpu()  # one device -> host copy per micro-batch
                     rows = trajectory_rows(batch, [len(trajs[i]) for i in batch.trajectory_ids])
                     for i, (a, b) in zip(batch.trajectory_ids, rows):
-                        trainer_logprobs[i] = logp[a:b].cpu()
+                        trainer_logprobs[i] = logp[a:b]
     mem_rewards = torch.cat(mem_rewards) if mem_rewards else torch.zeros(0, dtype=torch.float64)
     adv = batch_advantages(trajs, mem_rewards, by_step=opts.memory_adv_by_step, scale_by_std=opts.scale_by_std)
     t_score = time.perf_counter() - t0 - t_rollout
