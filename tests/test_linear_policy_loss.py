@@ -15,8 +15,16 @@ def _problem(n, h, v, dtype=torch.float64, num_seqs=4):
     b = random_batch(n, num_seqs)
     with torch.no_grad():
         logp, _ = logprobs_reference(hidden.double(), weight.double(), targets)
-    # Old/ref near the current policy, so some tokens are clipped and some are not.
-    b["old"] = logp + 0.3 * torch.randn(n, dtype=torch.float64)
+    # Old/ref near the current policy, so some tokens are clipped and some are not. The clipped
+    # loss's gradient jumps at the clip edges, so keep every log-ratio 0.03 away from the edges
+    # the loss cases use: bf16 inputs move a log-prob by up to ~0.02, which could otherwise flip
+    # a token's clip state between the kernel and the float64 reference (one seed in a few hundred).
+    log_ratio = 0.3 * torch.randn(n, dtype=torch.float64)
+    edges = torch.tensor([1 - 0.2, 1.2, 1.28, 1 - 0.1, 1.3, 2.0, 3.0], dtype=torch.float64).log()
+    for _ in range(10):
+        near = ((log_ratio[:, None] - edges).abs() < 0.03).any(1)
+        log_ratio[near] += 0.07
+    b["old"] = logp - log_ratio
     b["ref"] = logp + 0.1 * torch.randn(n, dtype=torch.float64)
     return hidden, weight, targets, b
 
