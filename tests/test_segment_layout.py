@@ -123,6 +123,10 @@ def test_bad_arguments_raise():
         Segment("thought", 0, 0, 1)
     with pytest.raises(ValueError, match=r"position_ids\[0\]"):
         SegmentLayout.from_segments([[Segment("prompt", 0, 0, 3)]], [[0, 1]])
+    from types import SimpleNamespace
+    odd = SimpleNamespace(kind="thought", step=1, start=3, end=5, dropped_at=None)  # any segment-like object
+    with pytest.raises(ValueError, match=r"sequences\[0\]\[1\]: segment kind must be one of .* got 'thought'"):
+        SegmentLayout.from_segments([[Segment("prompt", 0, 0, 3), odd]])
     with pytest.raises(ValueError, match=r"visible\[0\]"):
         SegmentLayout.from_tables([[2, 2]], [np.ones((3, 3), bool)])
 
