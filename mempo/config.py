@@ -105,14 +105,26 @@ class EnvironmentConfig:
     tokenizer_vocab_size: int = _field(1024,
         "vocabulary size of the tiny world's BPE tokenizer (model.path brings its own)")
     search: Literal["bm25", "http"] = _field("bm25",
-        "search tool: bm25 over the corpus in process, or http (a Search-R1-style retrieval server)")
+        "search tool: bm25 in process (over env.corpus_path, or the tiny world's corpus), or http "
+        "(a Search-R1-style retrieval server at env.search_url)")
     search_url: str | None = _field(None, "retrieval server URL for search=http (usually ends in /retrieve)")
     corpus_path: str | None = _field(None,
-        "JSONL corpus for bm25 replacing the tiny world's (None = built-in world)")
+        "JSONL corpus ({id, title, text} or {id, contents} lines) for search=bm25 (None = the tiny world's)")
     train_tasks_path: str | None = _field(None,
-        "training tasks (JSONL or parquet) replacing the tiny world's")
-    eval_tasks_path: str | None = _field(None,
-        "evaluation tasks (JSONL or parquet) replacing the tiny world's")
+        "training tasks (JSONL or parquet; see mempo.envs.load_tasks for the layouts); with "
+        "eval_tasks_path and a search source it replaces the tiny world")
+    eval_tasks_path: str | None = _field(None, "held-out evaluation tasks (JSONL or parquet)")
+    prompt_format: Literal["auto", "chat", "plain"] = _field("auto",
+        "chat: the prompt is the tokenizer's chat template over [system?, user] with the generation "
+        "prompt, and the agent's turns continue inside the assistant turn; plain: instructions and "
+        "questions as raw text; auto: chat when the tokenizer has a chat template")
+    system_prompt: str | None = _field(None, "system message of the chat prompt (None = no system message)")
+
+    @property
+    def uses_files(self) -> bool:
+        """Tasks and search come from the user's files / server, not from the tiny world."""
+        return (self.search == "http" or self.corpus_path is not None or self.train_tasks_path is not None
+                or self.eval_tasks_path is not None)
 
     def validate(self) -> None:
         for name in ("num_people", "num_cities", "num_countries", "top_k", "eval_tasks", "tokenizer_vocab_size"):
@@ -132,6 +144,20 @@ class EnvironmentConfig:
             if path is not None:
                 _require(os.path.isfile(path) and os.access(path, os.R_OK),
                          f"env.{name}", "a readable file", path)
+        _require(self.search_url is None or self.search == "http",
+                 "env.search_url", "None unless env.search is 'http' (search is 'bm25')", self.search_url)
+        _require(self.search_url is None or self.search_url.startswith(("http://", "https://")),
+                 "env.search_url", "an http:// or https:// URL", self.search_url)
+        _require(self.corpus_path is None or self.search == "bm25", "env.corpus_path",
+                 "None when env.search is 'http' (the server holds the corpus)", self.corpus_path)
+        if self.uses_files:
+            for name in ("train_tasks_path", "eval_tasks_path"):
+                _require(getattr(self, name) is not None, f"env.{name}",
+                         "a task file when training on your own data (env.search=http, env.corpus_path or "
+                         "a task file is set; only the tiny world has built-in tasks)", None)
+            _require(self.search == "http" or self.corpus_path is not None, "env.corpus_path",
+                     "a JSONL corpus for search=bm25 over your own tasks (or set env.search=http and "
+                     "env.search_url)", None)
 
 
 @dataclass
@@ -193,7 +219,6 @@ class AlgorithmConfig:
     ppo_epochs: int = _field(1, "passes over each rollout batch")
     mini_batches: int = _field(1, "optimizer steps per pass (the batch is split this many ways)")
     micro_batch_tokens: int = _field(8192, "token budget of one packed micro-batch per rank")
-    temperature: float = _field(1.0, "logit temperature of the training forward (match rollout.temperature)")
 
     def validate(self) -> None:
         _require(0.0 <= self.clip_low < 1.0, "algorithm.clip_low", "in [0, 1)", self.clip_low)
@@ -204,7 +229,6 @@ class AlgorithmConfig:
         _require(self.mem_coef >= 0.0, "algorithm.mem_coef", ">= 0", self.mem_coef)
         for name in ("ppo_epochs", "mini_batches", "micro_batch_tokens"):
             _require(getattr(self, name) >= 1, f"algorithm.{name}", ">= 1", getattr(self, name))
-        _require(self.temperature > 0, "algorithm.temperature", "> 0", self.temperature)
 
 
 @dataclass
@@ -235,9 +259,17 @@ class SFTConfig:
     lr: float = _field(1e-3, "warm-start learning rate")
     batch_size: int = _field(16, "expert trajectories per warm-start step over all ranks")
     warmup_steps: int = _field(10, "warm-start linear warmup steps")
+    data_path: str | None = _field(None,
+        "JSONL demonstrations for the warm start (see mempo.envs.demonstrations; None = the tiny "
+        "world's experts, which exist only for the tiny world)")
 
     def validate(self) -> None:
         _require(self.steps >= 0, "sft.steps", ">= 0", self.steps)
+        if self.data_path is not None:
+            _require(os.path.isfile(self.data_path) and os.access(self.data_path, os.R_OK),
+                     "sft.data_path", "a readable file", self.data_path)
+            _require(self.steps > 0, "sft.data_path", "None when sft.steps is 0 (nothing would read it)",
+                     self.data_path)
         _require(self.lr > 0, "sft.lr", "> 0", self.lr)
         _require(self.batch_size >= 1, "sft.batch_size", ">= 1", self.batch_size)
         _require(self.warmup_steps >= 0, "sft.warmup_steps", ">= 0", self.warmup_steps)
@@ -307,6 +339,13 @@ class Config:
                     raise ConfigError(f"{section.name}.{f.name} is required by this config: "
                                       f"set it with --{section.name}.{f.name} VALUE")
             values.validate()
+        if self.env.uses_files:
+            _require(self.model.path is not None, "model.path",
+                     "a local model directory when training on your own tasks (its tokenizer encodes them; "
+                     "the built-in model's tokenizer only covers the tiny world)", self.model.path)
+            _require(self.sft.steps == 0 or self.sft.data_path is not None, "sft.data_path",
+                     f"a demonstrations file for sft.steps={self.sft.steps} on your own tasks (or sft.steps 0)",
+                     self.sft.data_path)
         return self
 
     def to_dict(self) -> dict:
@@ -430,7 +469,11 @@ def config_from_yaml(path: str | os.PathLike) -> Config:
 # ----------------------------------------------------------------------------- command line
 
 def help_text(prog: str = "torchrun [torchrun options] -m mempo.train") -> str:
-    lines = [f"usage: {prog} [--config FILE.yaml] [--section.key VALUE | section.key=VALUE ...]", "",
+    lines = [f"usage: {prog} [--check [--ranks N]] [--config FILE.yaml] [--section.key VALUE | section.key=VALUE ...]",
+             "",
+             "--check: build everything but the optimizer (the model on the meta device), print the resolved",
+             "plan (model, weights, tokenizer, prompt, tasks, a live search query, memory per rank for N ranks)",
+             "and exit 0, or exit 1 with the first problem.", "",
              "Overrides apply after the config file, left to right. Lists: 1,2,4 or [1,2,4];",
              "a bare --section.flag sets a boolean; none clears an optional value.",
              "Shortcuts: " + ", ".join(f"--{a} = --{k}" for a, k in ALIASES.items()), ""]

@@ -1,4 +1,5 @@
 """MemPO training: `torchrun --nproc_per_node N -m mempo.train [--config FILE] [--section.key VALUE ...]`.
+`python -m mempo.train --check [--ranks N] ...` prints the resolved plan of that run and exits.
 
 With no arguments it runs the built-in default on the tiny world (CPU or GPU): a small
 Qwen2 built from the config and the world's tokenizer, a supervised warm start on expert
@@ -24,7 +25,7 @@ from mempo.checkpoint import (checkpoint_root, export_hf, load_checkpoint, resol
 from mempo.config import Config, ConfigError, parse_args
 from mempo.distributed import (all_reduce_max, all_reduce_sum, barrier, clip_grad_norm, compute_dtype,
                                destroy_distributed, init_distributed, shard_for_rank, shard_model)
-from mempo.model_builder import build_model
+from mempo.model_builder import ModelLoadError, build_model
 from mempo.optim import build_optimizer, lr_multiplier
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns
 from mempo.run_log import RunLogger
@@ -33,7 +34,8 @@ from mempo.training.fused_policy import FusedPolicy
 from mempo.training.inference_mode import full_weights, initialise_root
 from mempo.training.packed_batch import FILLER, pack_trajectories, split_by_token_budget
 from mempo.training.rl_step import RLStepOptions, evaluate_answers, rl_step
-from mempo.training.task_side import build_task_side
+from mempo.training.run_check import check_run
+from mempo.training.task_side import SetupError, build_task_side, live_query
 
 
 def step_seed(seed: int, phase: str, step: int) -> int:
@@ -74,7 +76,7 @@ def evaluate(policy, engine, side, cfg: Config) -> dict[str, float]:
     """Greedy rollouts on held-out tasks: EM, F1, TT, PT per objective count."""
     out = {}
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
-                            max_total_tokens=cfg.rollout.max_total_tokens)
+                            max_total_tokens=cfg.rollout.max_total_tokens, stop_token_ids=side.stop_token_ids)
     context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k)
     for n, tasks in side.eval_sets.items():
         mine = shard_for_rank(tasks)
@@ -90,11 +92,12 @@ def evaluate(policy, engine, side, cfg: Config) -> dict[str, float]:
     return out
 
 
-def rl_options(cfg: Config) -> RLStepOptions:
+def rl_options(cfg: Config, stop_token_ids: tuple[int, ...]) -> RLStepOptions:
     return RLStepOptions(
         group_size=cfg.rollout.group_size,
         sampling=SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
-                                cfg.rollout.max_new_tokens, cfg.rollout.max_total_tokens, cfg.rollout.seed),
+                                cfg.rollout.max_new_tokens, cfg.rollout.max_total_tokens, cfg.rollout.seed,
+                                stop_token_ids),
         context=ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k),
         mem_coef=cfg.algorithm.mem_coef, memory_adv_by_step=cfg.algorithm.memory_grouping == "step",
         scale_by_std=cfg.algorithm.scale_by_std, micro_batch_tokens=cfg.algorithm.micro_batch_tokens,
@@ -122,7 +125,11 @@ def run(cfg: Config, info) -> None:
     torch.manual_seed(cfg.trainer.seed)
     random.seed(cfg.trainer.seed)
     side = build_task_side(cfg)
+    searched = live_query(side, cfg)  # every rank: an unreachable server stops all of them at once
     model = build_model(cfg.model, tokenizer=side.tokenizer, seed=cfg.trainer.seed).to(info.device)
+    if len(side.tokenizer) > model.config.vocab_size:
+        raise SetupError(f"the tokenizer has {len(side.tokenizer)} tokens, more than the model's vocab_size "
+                         f"{model.config.vocab_size}")
     policy = FusedPolicy(model, attention="segment")
     shard_model(policy, param_dtype=compute_dtype(cfg.model.dtype, info.device),
                 activation_checkpointing=cfg.model.activation_checkpointing)
@@ -139,6 +146,8 @@ def run(cfg: Config, info) -> None:
     log = RunLogger(out_dir, cfg.logging, enabled=info.is_rank0, config_dict=cfg.to_dict(),
                     resume_step=start if resume is not None else None)
     log.notice(("resuming from " + str(resume) + "\n" if resume else "") + "config:\n" + cfg.to_yaml())
+    log.notice(f"tasks: {side.source}; tokenizer: {cfg.model.path or 'tiny world BPE'} "
+               f"({len(side.tokenizer)} tokens, {side.prompt_format} prompt); search: {searched}")
     total = cfg.sft.steps + cfg.trainer.steps
 
     def save(step: int) -> None:
@@ -150,7 +159,7 @@ def run(cfg: Config, info) -> None:
     context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k)
     expert = [trajectory_from_turns(side.tokenizer, e.prompt, [(t.model, t.information) for t in e.turns], context)
               for e in side.expert_trajectories] if start < cfg.sft.steps else []
-    opts = rl_options(cfg)
+    opts = rl_options(cfg, side.stop_token_ids)
     rollout_engine = engine  # engine=vllm: a VLLMRollout, built at the first RL step
     ref_policy = None  # the frozen reference: the warm-started policy, only when kl_coef > 0
 
@@ -208,14 +217,38 @@ def run(cfg: Config, info) -> None:
         rollout_engine.close()  # last: vLLM's teardown destroys the default process group
 
 
+def _check_flags(argv: list[str]) -> tuple[list[str], bool, int]:
+    """Strip `--check` and `--ranks N` (the plan's data-parallel size) from argv."""
+    argv, check, ranks = list(argv), "--check" in argv, 1
+    argv = [a for a in argv if a != "--check"]
+    if "--ranks" in argv:
+        i = argv.index("--ranks")
+        if not check:
+            raise ConfigError("--ranks is an option of --check (the ranks the plan is computed for)")
+        try:
+            ranks = int(argv[i + 1])
+        except (IndexError, ValueError):
+            raise ConfigError("--ranks needs a number of ranks >= 1") from None
+        if ranks < 1:
+            raise ConfigError(f"--ranks must be >= 1, got {ranks}")
+        del argv[i:i + 2]
+    return argv, check, ranks
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        argv, check, ranks = _check_flags(argv)
         cfg = parse_args(argv)
     except ConfigError as err:  # a bad option: one clear line, no traceback, nothing loaded
         raise SystemExit(f"mempo.train: {err}") from None
+    if check:
+        raise SystemExit(check_run(cfg, ranks))
     info = init_distributed(cfg.trainer.device)
     try:
         run(cfg, info)
+    except (SetupError, ModelLoadError) as err:  # a file, model or server the config names: one line
+        raise SystemExit(f"mempo.train: {err}" if info.is_rank0 else 1) from None
     finally:
         destroy_distributed()
 

@@ -110,11 +110,17 @@ def test_config_file_errors_name_the_file(tmp_path):
         parse_args(["--config", str(flat)])
 
 
-def test_7b_recipe_requires_model_path(tmp_path):
+def test_7b_recipe_requires_model_path_server_and_task_files(tmp_path):
     with pytest.raises(ConfigError, match="model.path is required by this config: set it with --model.path"):
         parse_args(["--config", str(CONFIGS / "qwen2.5-7b.yaml")])
-    cfg = parse_args(["--config", str(CONFIGS / "qwen2.5-7b.yaml"), "--model.path", str(tmp_path),
-                      "--env.search_url", "http://localhost:8000/retrieve"])
+    args = ["--config", str(CONFIGS / "qwen2.5-7b.yaml"), "--model.path", str(tmp_path),
+            "--env.search_url", "http://localhost:8000/retrieve"]
+    with pytest.raises(ConfigError, match="env.train_tasks_path must be a task file when training on your own"):
+        parse_args(args)
+    (tmp_path / "t.jsonl").write_text('{"question": "Q?", "answers": ["a"]}\n')
+    cfg = parse_args(args + ["--env.train_tasks_path", str(tmp_path / "t.jsonl"),
+                             "--env.eval_tasks_path", str(tmp_path / "t.jsonl")])
+    assert cfg.env.uses_files and cfg.env.search == "http"
     paper = (cfg.rollout.group_size, cfg.rollout.batch_size, cfg.optimizer.lr, cfg.rollout.max_turns)
     assert paper == (16, 128, 1e-6, 16)
     assert cfg.model.dtype == "bfloat16" and cfg.model.activation_checkpointing
@@ -152,3 +158,96 @@ def test_config_module_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", "import sys, mempo.config; print('torch' in sys.modules)"],
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False"
+
+
+def test_own_data_combinations_that_cannot_work_are_config_errors(tmp_path):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"question": "Q?", "answers": ["a"]}\n')
+    files = ["--env.train_tasks_path", str(tasks), "--env.eval_tasks_path", str(tasks)]
+    model = ["--model.path", str(tmp_path)]
+    cases = [
+        (files + model + ["--sft.steps", "0"], r"env.corpus_path must be a JSONL corpus for search=bm25"),
+        (["--env.corpus_path", str(tasks), "--sft.steps", "0"] + model, r"env.train_tasks_path must be a task file"),
+        (files + ["--env.corpus_path", str(tasks), "--sft.steps", "0"], r"model.path must be a local model directory"),
+        (files + model + ["--env.corpus_path", str(tasks)], r"sft.data_path must be a demonstrations file for sft.steps=350"),
+        (["--env.search_url", "http://h:1/retrieve"], r"env.search_url must be None unless env.search is 'http'"),
+        (["--env.search", "http", "--env.search_url", "h:1/retrieve"], r"env.search_url must be an http:// or https:// URL"),
+        (["--env.search", "http", "--env.search_url", "http://h:1/r", "--env.corpus_path", str(tasks)],
+         r"env.corpus_path must be None when env.search is 'http'"),
+        (["--sft.data_path", str(tmp_path / "none.jsonl")], r"sft.data_path must be a readable file"),
+        (["--sft.data_path", str(tasks), "--sft.steps", "0"], r"sft.data_path must be None when sft.steps is 0"),
+        (["--env.prompt_format", "chatml"], r"env.prompt_format must be one of \['auto', 'chat', 'plain'\]"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            parse_args(argv)
+    ok = parse_args(files + model + ["--env.corpus_path", str(tasks), "--sft.data_path", str(tasks)])
+    assert ok.env.uses_files and not Config().env.uses_files
+
+
+def _config_reads() -> set[tuple[str, str]]:
+    """(section, field) pairs that library code reads: `x.section.field` chains, `p.field` /
+    `self.a.field` where p is a parameter annotated with a section class (stored as self.a),
+    and properties of the config classes (validation alone is not a reader)."""
+    import ast
+
+    classes = {cls.__name__: name for name, cls in SECTIONS.items()}
+    reads = set()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "mempo").rglob("*.py")) + sorted((root / "kernels").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        if path.name == "config.py" and path.parent.name == "mempo":  # only its properties count as readers
+            for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in classes):
+                for fn in (f for f in cls.body if isinstance(f, ast.FunctionDef)
+                           and any(getattr(d, "id", None) == "property" for d in f.decorator_list)):
+                    reads |= {(classes[cls.name], a.attr) for a in ast.walk(fn) if isinstance(a, ast.Attribute)
+                              and isinstance(a.value, ast.Name) and a.value.id == "self"}
+            continue
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and node.value.attr in SECTIONS):
+                reads.add((node.value.attr, node.attr))
+        for scope in ast.walk(tree):
+            if not isinstance(scope, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            functions = [scope] if isinstance(scope, ast.FunctionDef) else \
+                [f for f in scope.body if isinstance(f, ast.FunctionDef)]
+            typed = {}  # local or self attribute name -> section
+            for fn in functions:
+                for arg in fn.args.args + fn.args.kwonlyargs:
+                    ann = arg.annotation
+                    name = ann.id if isinstance(ann, ast.Name) else ann.value if isinstance(ann, ast.Constant) else None
+                    if name in classes:
+                        typed[arg.arg] = classes[name]
+                        for sub in ast.walk(fn):  # self.cfg = cfg
+                            if (isinstance(sub, ast.Assign) and isinstance(sub.value, ast.Name)
+                                    and sub.value.id == arg.arg and isinstance(sub.targets[0], ast.Attribute)):
+                                typed["self." + sub.targets[0].attr] = classes[name]
+            for sub in ast.walk(scope):
+                if isinstance(sub, ast.Attribute):
+                    base = sub.value
+                    key = base.id if isinstance(base, ast.Name) else \
+                        f"self.{base.attr}" if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) \
+                        and base.value.id == "self" else None
+                    if key in typed:
+                        reads.add((typed[key], sub.attr))
+    return reads
+
+
+def test_every_config_field_is_read_by_the_code():
+    reads = _config_reads()
+    unread = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if (s, f.name) not in reads]
+    assert not unread, f"config fields that nothing reads (wire them or remove them): {unread}"
+
+
+def test_every_yaml_and_readme_option_is_a_field():
+    import re
+    import yaml
+
+    known = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for path in CONFIGS.glob("*.yaml"):
+        for section, values in yaml.safe_load(path.read_text()).items():
+            assert {f"{section}.{k}" for k in values} <= known, path
+    readme = (CONFIGS.parent / "README.md").read_text()
+    options = set(re.findall(r"--((?:" + "|".join(SECTIONS) + r")\.[a-z_]+)", readme))
+    assert options and options <= known, options - known

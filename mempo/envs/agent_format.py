@@ -21,6 +21,7 @@ import enum
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Sequence
 
 
 class ActionKind(str, enum.Enum):
@@ -100,6 +101,18 @@ class AgentTags:
 
 
 DEFAULT_TAGS = AgentTags()
+
+
+def render_turn(memory: str, *, search: str | None = None, answers: Sequence[str] | None = None,
+                think: str | None = None, tags: AgentTags = DEFAULT_TAGS) -> str:
+    """The text of one well-formed turn: `<mem>` [`<think>`] then `<search>` or `<answer>`
+    (answers joined by the separator); the inverse of `parse_step` for valid turns."""
+    if (search is None) == (answers is None):
+        raise ValueError("a turn has exactly one action: search or answers")
+    text = tags.wrap("mem", memory) + (tags.wrap("think", think) if think is not None else "")
+    if search is not None:
+        return text + tags.wrap("search", search)
+    return text + tags.wrap("answer", f"{tags.answer_separator} ".join(answers))
 
 
 @dataclass(frozen=True)

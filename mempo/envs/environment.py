@@ -74,14 +74,23 @@ class StepResult:
 
 
 class SearchEnv:
+    """prompt_template: maps the plain prompt (instructions + questions) to the text the model
+    is given, e.g. `chat_template_prompt(tokenizer)`; None keeps the plain prompt."""
+
     def __init__(self, tool: SearchTool, config: EnvConfig = EnvConfig(),
-                 count_tokens: Callable[[str], int] | None = None):
+                 count_tokens: Callable[[str], int] | None = None,
+                 prompt_template: Callable[[str], str] | None = None):
         if config.info_max_tokens is not None and count_tokens is None:
             raise ValueError("config.info_max_tokens needs count_tokens")
         self.tool, self.config, self.count_tokens = tool, config, count_tokens
+        self.prompt_template = prompt_template
+
+    def prompt(self, task: Task) -> str:
+        text = build_prompt(task, self.config.tags)
+        return text if self.prompt_template is None else self.prompt_template(text)
 
     def reset(self, tasks: Sequence[Task]) -> list[Episode]:
-        return [Episode(task=t, prompt=build_prompt(t, self.config.tags)) for t in tasks]
+        return [Episode(task=t, prompt=self.prompt(t)) for t in tasks]
 
     def step(self, episodes: Sequence[Episode], texts: Sequence[str]) -> list[StepResult]:
         """Apply one model turn per episode (texts[i] to episodes[i]); searches run batched."""
@@ -95,7 +104,7 @@ class SearchEnv:
                      if s.kind == ActionKind.SEARCH and len(e.turns) + 1 < self.config.max_turns]
         ranked = self.tool.search([steps[i].query for i in searching], self.config.top_k) \
             if searching else []
-        information = dict(zip(searching, (self._format(docs) for docs in ranked)))
+        information = dict(zip(searching, (self.render_information(docs) for docs in ranked)))
         results = []
         for i, (episode, text, step) in enumerate(zip(episodes, texts, steps)):
             info = information.get(i)
@@ -108,7 +117,8 @@ class SearchEnv:
             results.append(StepResult(step, info, episode.done, episode.reward))
         return results
 
-    def _format(self, docs) -> str:
+    def render_information(self, docs) -> str:
+        """Ranked docs -> the `<information>` block the model is shown (caps and tags of this env)."""
         return format_information(docs, self.config.info_max_chars, self.config.info_max_tokens,
                                   self.count_tokens, self.config.tags,
                                   self.config.info_show_titles)

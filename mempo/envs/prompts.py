@@ -1,5 +1,8 @@
-"""The task prompt: instructions documenting the agent grammar, then the question(s)."""
+"""The task prompt: instructions documenting the agent grammar, then the question(s); for an
+instruct model, wrapped in its chat template (`chat_template_prompt`)."""
 from __future__ import annotations
+
+from typing import Callable
 
 from mempo.envs.agent_format import DEFAULT_TAGS, AgentTags
 from mempo.envs.tasks import Task
@@ -25,3 +28,28 @@ def format_questions(task: Task) -> str:
 def build_prompt(task: Task, tags: AgentTags = DEFAULT_TAGS) -> str:
     """Instructions + questions, ending in a newline; the model's first turn follows."""
     return f"{agent_instructions(task.num_objectives, tags)}\n{format_questions(task)}\n"
+
+
+def chat_template_prompt(tokenizer, system_prompt: str | None = None) -> Callable[[str], str]:
+    """-> a function from the user text (`build_prompt`) to the chat-templated prompt text:
+    `[system?, user]` with the generation prompt, so the agent's turns and the tool's
+    `<information>` blocks continue inside the assistant turn.
+
+    The text is what the rollout tokenizes (`add_special_tokens=False`); a template whose text
+    does not re-tokenize to the ids `apply_chat_template` gives raises ValueError, since the
+    model would then be trained on other ids than the template's."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template (use env.prompt_format plain)")
+
+    def render(user_text: str) -> str:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else []) + \
+                   [{"role": "user", "content": user_text.rstrip("\n")}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != ids:
+            raise ValueError("the chat template's text does not re-tokenize to its own ids "
+                             "(use env.prompt_format plain, or a tokenizer whose specials are added tokens)")
+        return text
+
+    return render

@@ -5,6 +5,7 @@
 POST /retrieve {"queries": [...], "topk": k, "return_scores": bool}
  -> {"result": [[{"document": {"id", "contents"}, "score"}, ...], ...]}   (return_scores)
  -> {"result": [[{"id", "contents"}, ...], ...]}                          (otherwise)
+GET /stats -> {"requests", "queries", "passages"}: /retrieve calls and queries answered so far.
 Bad requests get 400, a failing tool 500, both with {"error": message}. Built on the stdlib
 `http.server` (threaded); meant for local training runs and tests, not the open internet.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -37,8 +39,17 @@ def _parse_request(raw: bytes) -> tuple[list[str], int, bool]:
 
 
 def make_handler(tool: SearchTool) -> type[BaseHTTPRequestHandler]:
+    counts = {"requests": 0, "queries": 0}  # answered /retrieve calls, for GET /stats
+    lock = threading.Lock()
+
     class RetrieveHandler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+            if self.path.rstrip("/") != "/stats":
+                return self._reply(404, {"error": f"unknown path {self.path}; GET /stats or POST /retrieve"})
+            with lock:
+                self._reply(200, dict(counts, passages=len(tool) if hasattr(tool, "__len__") else None))
 
         def do_POST(self) -> None:  # noqa: N802 (stdlib naming)
             if self.path.rstrip("/") != "/retrieve":
@@ -61,6 +72,9 @@ def make_handler(tool: SearchTool) -> type[BaseHTTPRequestHandler]:
                 if with_scores:
                     hits = [{"document": h, "score": d.score} for h, d in zip(hits, docs)]
                 result.append(hits)
+            with lock:
+                counts["requests"] += 1
+                counts["queries"] += len(queries)
             self._reply(200, {"result": result})
 
         def _reply(self, status: int, payload: Any) -> None:

@@ -1,8 +1,10 @@
 """Question-answering tasks: the `Task` record, a JSONL/parquet loader, the N-objective composer.
 
 File rows: {"question": str, "answers": [str, ...], "id": str (optional)}; `answers` lists
-every accepted string for the question. An N-objective task (MEM1/MemPO) joins N questions
-into one prompt and expects one answer per question, in order.
+every accepted string for the question. Search-R1's columns (`golden_answers`,
+`reward_model.ground_truth.target`) and multi-objective rows (`questions` + one answer list
+per question) load too. An N-objective task (MEM1/MemPO) joins N questions into one prompt
+and expects one answer per question, in order.
 """
 from __future__ import annotations
 
@@ -34,22 +36,70 @@ class Task:
         return len(self.questions)
 
 
+QUESTION_FIELDS = ("question", "questions")
+ANSWER_FIELDS = ("answers", "golden_answers", "reward_model.ground_truth.target")
+ACCEPTED_LAYOUT = (f"a question in {' | '.join(QUESTION_FIELDS)} (a string, or a list of strings for a "
+                   f"multi-objective row) and its answers in {' | '.join(ANSWER_FIELDS)} (a string or a list "
+                   f"of strings per question)")
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays (parquet columns) -> lists, recursively."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _lookup(record: dict, dotted: str) -> Any:
+    value: Any = record
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return _plain(value)
+
+
+def _answer_list(value: Any, where: str, field: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(a, str) and a.strip() for a in value)):
+        raise ValueError(f"{where}: '{field}' must be a non-empty string or list of non-empty strings "
+                         f"per question, got {value!r:.200}")
+    return tuple(a.strip() for a in value)
+
+
 def task_from_record(record: Any, where: str) -> Task:
-    """One file row -> single-objective Task; ValueError names the row and the field."""
+    """One file row -> Task; ValueError names the row and the field.
+
+    Accepted layouts (`ACCEPTED_LAYOUT`): {"question", "answers"} (mempo), Search-R1's
+    {"question", "golden_answers"} or {"question", "reward_model": {"ground_truth": {"target"}}},
+    and multi-objective rows {"questions": [q1, q2], "answers": [[a1, ...], [b1, ...]]}."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
-    question = record.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{where}: 'question' must be a non-empty string")
-    answers = record.get("answers")
-    if hasattr(answers, "tolist"):  # numpy arrays from parquet
-        answers = answers.tolist()
-    if (not isinstance(answers, (list, tuple)) or not answers
-            or not all(isinstance(a, str) and a.strip() for a in answers)):
-        raise ValueError(f"{where}: 'answers' must be a non-empty list of non-empty strings")
+    q_field = next((f for f in QUESTION_FIELDS if record.get(f) is not None), None)
+    a_field = next((f for f in ANSWER_FIELDS if _lookup(record, f) is not None), None)
+    if q_field is None or a_field is None:
+        missing = "question" if q_field is None else "answers"
+        raise ValueError(f"{where}: no {missing} column; found columns {sorted(record)}; accepted: "
+                         f"{ACCEPTED_LAYOUT}")
+    questions, answers = _plain(record[q_field]), _lookup(record, a_field)
+    if q_field == "question":
+        if not isinstance(questions, str) or not questions.strip():
+            raise ValueError(f"{where}: 'question' must be a non-empty string, got {questions!r:.200}")
+        questions, answers = [questions], [answers]
+    else:
+        if (not isinstance(questions, list) or not questions
+                or not all(isinstance(q, str) and q.strip() for q in questions)):
+            raise ValueError(f"{where}: 'questions' must be a non-empty list of non-empty strings")
+        if not isinstance(answers, list) or len(answers) != len(questions):
+            raise ValueError(f"{where}: '{a_field}' must hold one answer list per question "
+                             f"({len(questions)} questions), got {answers!r:.200}")
     task_id = record.get("id")
-    return Task(id=where if task_id is None else str(task_id), questions=(question.strip(),),
-                answers=(tuple(a.strip() for a in answers),))
+    return Task(id=where if task_id is None else str(task_id), questions=tuple(q.strip() for q in questions),
+                answers=tuple(_answer_list(a, where, a_field) for a in answers))
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -61,7 +111,8 @@ def _read_parquet(path: Path) -> list[dict]:
 
 
 def load_tasks(path: str | os.PathLike) -> list[Task]:
-    """Load single-objective tasks from a .jsonl or .parquet file (parquet needs pyarrow)."""
+    """Load tasks from a .jsonl or .parquet file (parquet needs pyarrow); rows in any layout of
+    `task_from_record`, single- or multi-objective."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path {path} is not a file")

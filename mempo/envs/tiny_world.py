@@ -116,9 +116,10 @@ class TinyWorld:
     def search_tool(self) -> BM25Search:
         return BM25Search.from_docs(self.corpus)
 
-    def env(self, count_tokens: Callable[[str], int] | None = None) -> SearchEnv:
+    def env(self, count_tokens: Callable[[str], int] | None = None,
+            prompt_template: Callable[[str], str] | None = None) -> SearchEnv:
         """An environment over this world's corpus with the world's `EnvConfig`."""
-        return SearchEnv(self.search_tool, self.config.env, count_tokens)
+        return SearchEnv(self.search_tool, self.config.env, count_tokens, prompt_template)
 
     def tasks(self, split: Split, num_objectives: int = 1) -> list[Task]:
         """All questions of the split (N = 1) or `tasks_per_count` composed tasks (N >= 2)."""
@@ -138,8 +139,10 @@ class TinyWorld:
             raise ValueError(f"task {task.id} holds a question not from this world: {error}") \
                 from None
 
-    def expert_trajectories(self, tasks: list[Task]) -> list[Trajectory]:
-        return expert_trajectories(self.env(), tasks, [self.plan(t) for t in tasks])
+    def expert_trajectories(self, tasks: list[Task], env: SearchEnv | None = None) -> list[Trajectory]:
+        """Expert demonstrations, run through `env` (default `self.env()`; pass the training
+        run's env so that prompts and information blocks are the ones RL sees)."""
+        return expert_trajectories(env or self.env(), tasks, [self.plan(t) for t in tasks])
 
     def prompt(self, task: Task) -> str:
         return build_prompt(task, self.config.env.tags)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from mempo.envs.agent_format import render_turn
 from mempo.envs.environment import SearchEnv
 from mempo.envs.tasks import Task
 from mempo.envs.tiny_world_facts import Fact
@@ -33,11 +34,10 @@ class ExpertPolicy:
                              f"max_turns is {env.config.max_turns}")
 
     def text(self) -> str:
-        memory = self.tags.wrap("mem", " ".join(f.sentence for f in self.known))
+        memory = " ".join(f.sentence for f in self.known)
         if self.pending:
-            return memory + self.tags.wrap("search", self.pending[0].query)
-        separator = f"{self.tags.answer_separator} "
-        return memory + self.tags.wrap("answer", separator.join(self.answers))
+            return render_turn(memory, search=self.pending[0].query, tags=self.tags)
+        return render_turn(memory, answers=self.answers, tags=self.tags)
 
     def observe(self, information: str) -> None:
         fact = self.pending.pop(0)

@@ -4,7 +4,7 @@ Per row: prefill the prompt; then token by token sample the model's turn; the to
 completes `</mem>` is fed with the old context still visible (the memory is written from
 it), and right after that forward the policy's dropped segments are evicted from the
 row's KV cache, so every later token sees only the prompt, the new memory and what
-follows. A turn ends at `</search>` / `</answer>`, EOS or the per-turn limit; the tool runs
+follows. A turn ends at `</search>` / `</answer>`, EOS or another stop token id, or the per-turn limit; the tool runs
 for all rows that searched at once and its `<information>` is fed with the last token.
 The `Trajectory` records exactly this (segments with `dropped_at`), which is what the
 trainer's single packed forward replays.
@@ -33,6 +33,13 @@ class SamplingParams:
     max_new_tokens: int = 128  # per turn
     max_total_tokens: int = 4096  # per trajectory (prompt included)
     seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # end a turn besides the action tags and the tokenizer's EOS
+
+
+def turn_stop_ids(tokenizer, params: SamplingParams) -> frozenset[int]:
+    """Token ids that end a turn: the tokenizer's EOS and `params.stop_token_ids` (an instruct
+    model's end-of-turn tokens; see `mempo.training.task_side.model_stop_token_ids`)."""
+    return frozenset(i for i in (tokenizer.eos_token_id, *params.stop_token_ids) if i is not None)
 
 
 @dataclass
@@ -74,7 +81,7 @@ def run_rollout(
     engine.begin(len(rows))
     device = engine.device
     generator = torch.Generator(device=device).manual_seed(params.seed)
-    eos = tokenizer.eos_token_id
+    stop_ids = turn_stop_ids(tokenizer, params)
     bar = tqdm(total=len(rows), desc="rollout", disable=not progress, leave=False)
 
     prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in episodes]
@@ -108,7 +115,7 @@ def run_rollout(
             if not row.mem_closed and tags.mem[1] in text:
                 row.mem_closed, row.evict_after_feed = True, True
                 row.traj.segments.append(TrajectorySegment("memory", row.step, row.turn_start, len(row.traj)))
-            stop = any(s in text for s in tags.action_stops) or tok == eos
+            stop = any(s in text for s in tags.action_stops) or tok in stop_ids
             if stop or len(row.turn_tokens) >= params.max_new_tokens or _forced_turn_over(row):
                 ended.append(r)
             elif len(row.traj) >= params.max_total_tokens:

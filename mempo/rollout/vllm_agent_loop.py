@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from mempo.envs import SearchEnv, Task
 from mempo.envs.agent_format import AgentTags
 
-from .agent_loop import SamplingParams, _finish
+from .agent_loop import SamplingParams, _finish, turn_stop_ids
 from .context_policy import ContextPolicy
 from .replay import memory_and_turn_end
 from .trajectory import Trajectory, TrajectorySegment
@@ -68,7 +68,7 @@ def run_rollout_vllm(
         ids = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
         _append(row.traj, ids, [0.0] * len(ids), loss=False)
         row.traj.segments.append(TrajectorySegment("prompt", 0, 0, len(ids)))
-    eos = tokenizer.eos_token_id
+    stop_ids = turn_stop_ids(tokenizer, params)
     live = list(range(len(rows)))
     calls = 0
     while live:
@@ -89,7 +89,7 @@ def run_rollout_vllm(
                              engine.max_model_len - len(ctx))
                 stops = list(tags.action_stops) if row.mem_closed else [tags.mem[1], *tags.action_stops]
                 prompt = ctx
-                sp = engine.sampling_params(params, max_tokens=max(1, budget), stop=stops,
+                sp = engine.sampling_params(params, max_tokens=max(1, budget), stop=stops, stop_token_ids=stop_ids,
                                             seed=params.seed * 1_000_003 + calls * 4099 + r)
             if len(prompt) >= engine.max_model_len:  # vLLM would reject it: the retained context is full
                 _stop_context_full(row, tokenizer)
@@ -118,7 +118,7 @@ def run_rollout_vllm(
                 # like the native engine: the last sampled token has not been fed yet
                 row.tokens_processed += len(prompt) - cached + len(new_ids) - 1
                 row.peak_context = max(row.peak_context, len(prompt) + len(new_ids) - 1)
-            if _take(row, new_ids, new_lps, tokenizer, tags, policy, params, eos):
+            if _take(row, new_ids, new_lps, tokenizer, tags, policy, params, stop_ids):
                 ended.append(r)
         results = env.step([rows[r].episode for r in ended],
                            [tokenizer.decode(rows[r].turn_ids) for r in ended]) if ended else []
@@ -141,7 +141,7 @@ def run_rollout_vllm(
     return [row.traj for row in rows]
 
 
-def _take(row: _Row, new_ids, new_lps, tokenizer, tags, policy, params, eos) -> bool:
+def _take(row: _Row, new_ids, new_lps, tokenizer, tags, policy, params, stop_ids) -> bool:
     """Append one request's tokens to the turn, cut at the native loop's boundaries; close
     the memory (and drop segments) if it ended. Returns whether the turn is over."""
     turn = row.turn_ids + new_ids
@@ -157,7 +157,7 @@ def _take(row: _Row, new_ids, new_lps, tokenizer, tags, policy, params, eos) -> 
         row.traj.segments.append(TrajectorySegment("memory", row.step, row.turn_start, end))
         row.traj.drop_steps(policy.dropped_steps(row.step), end)
     text = tokenizer.decode(row.turn_ids)
-    if any(s in text for s in tags.action_stops) or (row.turn_ids and row.turn_ids[-1] == eos):
+    if any(s in text for s in tags.action_stops) or (row.turn_ids and row.turn_ids[-1] in stop_ids):
         return True
     if len(row.turn_ids) >= params.max_new_tokens or len(row.traj) >= params.max_total_tokens:
         return True

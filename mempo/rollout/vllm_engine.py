@@ -125,12 +125,14 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.weight_version += 1
 
-    def sampling_params(self, params: SamplingParams, *, max_tokens: int, stop: list[str], seed: int):
+    def sampling_params(self, params: SamplingParams, *, max_tokens: int, stop: list[str], seed: int,
+                        stop_token_ids=()):
         """mempo SamplingParams -> vllm.SamplingParams for one generation request."""
         from vllm import SamplingParams as VSP
 
         return VSP(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
-                   max_tokens=max_tokens, stop=stop, include_stop_str_in_output=True, logprobs=0,
+                   max_tokens=max_tokens, stop=stop, stop_token_ids=sorted(stop_token_ids),
+                   include_stop_str_in_output=True, logprobs=0,
                    seed=seed, skip_special_tokens=False)
 
     def scoring_params(self, params: SamplingParams):

@@ -22,7 +22,11 @@ def test_load_jsonl(tmp_path):
 
 @pytest.mark.parametrize("row,field", [
     ({"answers": ["x"]}, "question"),
-    ({"question": "Q", "answers": "x"}, "answers"),
+    ({"question": "Q", "answers": 3}, "answers"),
+    ({"question": "Q", "answers": [["x"]]}, "answers"),
+    ({"questions": ["Q1", "Q2"], "answers": [["x"]]}, "one answer list per question"),
+    ({"questions": "Q1", "answers": [["x"]]}, "questions"),
+    ({"question": "Q", "golden_answers": []}, "golden_answers"),
     ({"question": "Q", "answers": []}, "answers"),
     ({"question": "Q", "answers": ["x", ""]}, "answers"),
     ({"question": "", "answers": ["x"]}, "question"),
@@ -50,6 +54,33 @@ def test_load_parquet(tmp_path):
     pq.write_table(table, tmp_path / "t.parquet")
     tasks = load_tasks(tmp_path / "t.parquet")
     assert [t.answers for t in tasks] == [(("x",),), (("y", "z"),)]
+
+
+def test_search_r1_and_multi_objective_layouts(tmp_path):
+    rows = [{"id": "nq1", "question": "Q1?", "golden_answers": ["x", "X"]},
+            {"question": "Q2?", "reward_model": {"style": "rule", "ground_truth": {"target": ["y"]}}},
+            {"question": "Q3?", "answers": "z"},
+            {"id": "m", "questions": ["A?", "B?"], "answers": [["a"], "b"]}]
+    tasks = load_tasks(_write_jsonl(tmp_path / "t.jsonl", rows))
+    assert tasks[0] == Task("nq1", ("Q1?",), (("x", "X"),))
+    assert tasks[1].answers == (("y",),) and tasks[2].answers == (("z",),)
+    assert tasks[3] == Task("m", ("A?", "B?"), (("a",), ("b",)))
+
+
+def test_search_r1_parquet_with_nested_target(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    table = pa.table({"question": ["Q1?"], "data_source": ["nq"],
+                      "reward_model": [{"style": "rule", "ground_truth": {"target": ["x", "y"]}}]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    assert load_tasks(tmp_path / "t.parquet")[0].answers == (("x", "y"),)
+
+
+def test_unknown_layout_lists_found_and_accepted_columns(tmp_path):
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": [{"role": "user", "content": "Q"}], "target": "x"}])
+    with pytest.raises(ValueError, match=r"t.jsonl:1: no question column; found columns \['prompt', 'target'\]; "
+                                         r"accepted: .*golden_answers.*reward_model.ground_truth.target"):
+        load_tasks(path)
 
 
 @pytest.mark.parametrize("num_singles,num_objectives", [(10, 3), (5, 4), (4, 4), (7, 1)])
