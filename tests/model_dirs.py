@@ -1,6 +1,4 @@
-"""A local "instruct model" directory built by the project (nothing downloaded): the tiny
-world's BPE tokenizer plus Qwen-style chat markers and a chat template, a random-init Qwen2,
-and a generation config whose EOS ids include the end-of-turn token."""
+"""Local model directories built by the project (nothing downloaded) for the own-data tests."""
 from __future__ import annotations
 
 import functools
@@ -9,44 +7,35 @@ from pathlib import Path
 
 import torch
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-END_OF_TURN = "<|im_end|>"
+from mempo.envs.tokenizer import CHAT_MARKERS
+
+END_OF_TURN = CHAT_MARKERS[1]
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=4)
 def _chat_tokenizer_dir(root: str) -> str:
     from mempo.envs import build_tiny_world
+    from mempo.envs.tokenizer import add_chat_template
 
-    tok = build_tiny_world(seed=0).tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", END_OF_TURN]})
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(root)
+    add_chat_template(build_tiny_world(seed=0).tokenizer()).save_pretrained(root)
     return root
 
 
 def chat_tokenizer(tmp_root: Path):
-    """The chat tokenizer, saved under tmp_root/chat_tokenizer and loaded back as a user's would be."""
+    """The tiny world's tokenizer with a ChatML template, saved under tmp_root and loaded back
+    as a user's would be."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(_chat_tokenizer_dir(str(tmp_root / "chat_tokenizer")))
 
 
-def save_chat_model(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """A small random Qwen2 + chat tokenizer + generation config in `path` (a model directory)."""
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+def save_chat_model(path: Path, seed: int = 0) -> Path:
+    """A small (hidden 64, 2 layers) random instruct model directory: weights, chat tokenizer,
+    generation config with the end-of-turn EOS (`export_tiny_world --model-dir`, smaller)."""
+    from mempo.envs import build_tiny_world
+    from mempo.envs.export_tiny_world import save_tiny_instruct_model
 
-    path.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(_chat_tokenizer_dir(str(path.parent / "chat_tokenizer")))
-    tok.save_pretrained(path)
-    end = tok.convert_tokens_to_ids(END_OF_TURN)
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         tie_word_embeddings=True, eos_token_id=end, pad_token_id=tok.pad_token_id)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    GenerationConfig(eos_token_id=[end, tok.eos_token_id]).save_pretrained(path)
-    return path
+    return save_tiny_instruct_model(path, build_tiny_world(seed=0), seed=seed, hidden_size=64, num_layers=2)
 
 
 def write_sparse_safetensors(path: Path, model: torch.nn.Module, dtype: str = "BF16") -> None:

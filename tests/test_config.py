@@ -115,7 +115,7 @@ def test_7b_recipe_requires_model_path_server_and_task_files(tmp_path):
         parse_args(["--config", str(CONFIGS / "qwen2.5-7b.yaml")])
     args = ["--config", str(CONFIGS / "qwen2.5-7b.yaml"), "--model.path", str(tmp_path),
             "--env.search_url", "http://localhost:8000/retrieve"]
-    with pytest.raises(ConfigError, match="env.train_tasks_path must be a task file when training on your own"):
+    with pytest.raises(ConfigError, match="env.train_tasks_path is required by this config"):
         parse_args(args)
     (tmp_path / "t.jsonl").write_text('{"question": "Q?", "answers": ["a"]}\n')
     cfg = parse_args(args + ["--env.train_tasks_path", str(tmp_path / "t.jsonl"),

@@ -53,6 +53,20 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024,
                                    pad_token=PAD_TOKEN)
 
 
+CHAT_MARKERS = ("<|im_start|>", "<|im_end|>")
+# ChatML, as Qwen's instruct models use it: <|im_start|>role\ncontent<|im_end|>\n per message
+CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                   "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def add_chat_template(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Give a tokenizer ChatML markers (special tokens) and template, like an instruct model's;
+    returns it. The end-of-turn id is `tokenizer.convert_tokens_to_ids("<|im_end|>")`."""
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_MARKERS)})
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
 def tiny_world_tokenizer(world: "TinyWorld", vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """The tokenizer of a `TinyWorld` (same as `world.tokenizer(vocab_size)`)."""
     return world.tokenizer(vocab_size)

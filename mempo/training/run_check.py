@@ -24,6 +24,7 @@ from .task_side import SetupError, build_task_side, live_query
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+GPU_BYTES = 80 * GiB  # an H100's memory: the plan warns above it
 
 
 def meta_model(cfg: Config, tokenizer) -> torch.nn.Module:
@@ -115,7 +116,8 @@ def plan_lines(cfg: Config, ranks: int) -> list[tuple[str, str]]:
     lines.append(("tokenizer", f"{cfg.model.path or 'tiny world BPE'} ({type(tok).__name__}, {len(tok)} tokens); "
                                f"prompt: {side.prompt_format}"
                                f"{' (chat template)' if side.prompt_format == 'chat' else ''}; "
-                               f"turns also stop at token ids {list(side.stop_token_ids)}"))
+                               f"turns end at the action tags and at token ids {list(side.stop_token_ids)} "
+                               f"(EOS / end of turn)"))
     counts = {}
     for t in side.train_tasks:
         counts[t.num_objectives] = counts.get(t.num_objectives, 0) + 1
@@ -136,11 +138,18 @@ def plan_lines(cfg: Config, ranks: int) -> list[tuple[str, str]]:
     kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
     kv_bytes = DTYPE_BYTES["bfloat16" if cfg.model.dtype != "float32" else "float32"]
     kv = mc.num_hidden_layers * 2 * rows * kv_heads * cfg.rollout.max_total_tokens * head_dim * kv_bytes
-    lines.append(("memory", f"per rank: weights + grads + AdamW {state / GiB:.1f} GiB (float32, sharded over "
-                            f"{ranks}); rollout KV cache {kv / GiB:.1f} GiB ({rows} rows x "
+    lines.append(("memory", f"per rank: weights + grads + AdamW {_fmt_bytes(state)} (float32, sharded over "
+                            f"{ranks}); rollout KV cache {_fmt_bytes(kv)} ({rows} rows x "
                             f"{cfg.rollout.max_total_tokens} tokens, dense as allocated today); activations at "
                             f"{cfg.algorithm.micro_batch_tokens} tokens not estimated"))
+    if state + kv > GPU_BYTES:
+        lines.append(("warning", f"{_fmt_bytes(state + kv)} per rank is more than one {GPU_BYTES // GiB} GiB GPU "
+                                 f"holds: lower rollout.batch_size or rollout.max_total_tokens, or use more ranks"))
     return lines
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / (1 << 20):.0f} MiB"
 
 
 def check_run(cfg: Config, ranks: int = 1) -> int:
