@@ -5,6 +5,7 @@ Layout of a run directory:
                                   rank{r}.pt              RNG states (python/numpy/torch) + rank_state of rank r
                                   train_state.pt          step, scheduler, data position, extra
                                   config.yaml             the resolved config of the run
+                                  manifest.json           every other file's size and CRC-32, written last
     checkpoints/latest            name of the newest complete checkpoint
 
 Atomicity: everything is written into `step_XXXXXX.tmp/`; only when every rank has
@@ -12,17 +13,24 @@ finished does rank 0 rename it to `step_XXXXXX/` and then replace `latest` (os.r
 A crash at any point leaves either the old checkpoint or the new one, never a half one:
 `find_latest` ignores `*.tmp` directories. Multi-node runs need a shared filesystem.
 
+Integrity: the manifest is written last (each rank checksums a share of the files; CRC-32
+runs at 1-2.5 GB/s on a 2-core VM: ~0.8 s per GiB). Resuming verifies it (again split over the ranks, all ranks agree
+on the verdict); with trainer.resume=auto a damaged checkpoint (a flipped byte, a truncated
+or empty shard, a missing file) is reported in one line and the newest intact one is used.
+
 The files other than the DCP shards are our own and are unpickled with weights_only=False.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import random
 import re
 import shutil
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +76,65 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+MANIFEST_FILE = "manifest.json"
+
+
 def _is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / "train_state.pt").is_file()
+    return all((path / name).is_file() for name in (".metadata", "train_state.pt", MANIFEST_FILE))
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _my_share(sizes: dict[str, int]) -> list[str]:
+    """This rank's files to checksum: largest first, dealt round-robin over the ranks."""
+    order = sorted(sizes, key=lambda n: (-sizes[n], n))
+    return order[get_rank()::get_world_size()]
+
+
+def _gather(items: list) -> list:
+    """Concatenate every rank's list (all ranks get the same result)."""
+    if not dist.is_initialized():
+        return list(items)
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def _write_manifest(path: Path, step: int) -> None:
+    """Collective: checksum every file of `path` (split over ranks); rank 0 writes the manifest."""
+    sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and p.name != MANIFEST_FILE}
+    crcs = dict(_gather([(name, _crc32(path / name)) for name in _my_share(sizes)]))
+    if get_rank() == 0:
+        files = {name: {"size": sizes[name], "crc32": crcs[name]} for name in sorted(sizes)}
+        _atomic_write_text(path / MANIFEST_FILE, json.dumps({"format": 1, "step": step, "files": files}, indent=1))
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """Collective: None if every file of the manifest is there with its size and CRC-32, else
+    the first problem in words (the same on every rank)."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+        sizes = {name: int(entry["size"]) for name, entry in files.items()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST_FILE} is missing or unreadable ({type(err).__name__})"
+    problems = []
+    for name in _my_share(sizes):
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name} is missing")
+        elif file.stat().st_size != sizes[name]:
+            problems.append(f"{name} has {file.stat().st_size} bytes, the manifest says {sizes[name]}")
+        elif _crc32(file) != files[name]["crc32"]:
+            problems.append(f"{name} does not match its checksum (damaged on disk)")
+    problems = sorted(_gather(problems))
+    return problems[0] if problems else None
 
 
 def find_latest(run_dir: str | os.PathLike) -> Path | None:
@@ -89,18 +154,39 @@ def find_latest(run_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
-    """trainer.resume -> the checkpoint to load: "never" -> None; "auto" -> find_latest
-    (None for a fresh run); a path -> that checkpoint (CheckpointError if incomplete)."""
+    """Collective. trainer.resume -> the verified checkpoint to load: "never" -> None; "auto"
+    -> the newest intact one (None for a fresh run; damaged ones are skipped with a one-line
+    notice; CheckpointError if every one is damaged); a path -> that checkpoint
+    (CheckpointError if incomplete or damaged)."""
     if resume == "never":
         return None
-    if resume == "auto":
-        return find_latest(run_dir)
-    path = Path(resume)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    if not _is_complete(path):
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no .metadata or train_state.pt)")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        if not _is_complete(path):
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no .metadata, train_state.pt or "
+                                  f"{MANIFEST_FILE})")
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {problem}")
+        return path
+    root = checkpoint_root(run_dir)
+    candidates = sorted(((int(m.group(1)), p) for p in root.iterdir()
+                         if (m := STEP_DIR.match(p.name)) and p.is_dir() and _is_complete(p)),
+                        reverse=True) if root.is_dir() else []
+    damaged = []
+    for _, path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        damaged.append(path.name)
+        if get_rank() == 0:
+            print(f"[mempo] checkpoint {path} is damaged ({problem}): trying an older one", flush=True)
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {root} (damaged: {', '.join(damaged)}); "
+                              f"--trainer.resume never starts the run afresh")
+    return None
 
 
 def _rng_state() -> dict:
@@ -173,7 +259,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
                    tmp / "train_state.pt")
         if config_yaml is not None:
             (tmp / "config.yaml").write_text(config_yaml)
-    barrier()  # every rank's files are in tmp before it becomes visible
+    barrier()  # every rank's files are in tmp before they are checksummed
+    _write_manifest(tmp, step)
+    barrier()  # the manifest is written before the checkpoint becomes visible
     if rank == 0:
         if final.exists():  # re-saving a step (e.g. after a resume): swap, then delete
             old = root / (final.name + ".old")
@@ -215,7 +303,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not _is_complete(path):
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no .metadata or train_state.pt)")
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no .metadata, train_state.pt or "
+                              f"{MANIFEST_FILE})")
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd}
     if optimizer is not None:

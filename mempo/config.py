@@ -480,9 +480,12 @@ def help_text(prog: str = "torchrun [torchrun options] -m mempo.train") -> str:
     defaults = Config()
     for section in SECTIONS:
         lines.append(f"[{section}]")
+        hints = _section_hints(section)
         for f in dataclasses.fields(SECTIONS[section]):
             default = getattr(getattr(defaults, section), f.name)
-            lines.append(f"  --{section}.{f.name} (default: {default!r})")
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
+            allowed = f" one of: {' | '.join(choices)}" if choices else ""
+            lines.append(f"  --{section}.{f.name} (default: {default!r}){allowed}")
             lines.append(f"      {f.metadata.get('doc', '')}")
     return "\n".join(lines)
 

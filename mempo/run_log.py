@@ -3,7 +3,7 @@
 Only rank 0 writes; other ranks get a logger whose calls do nothing, so the training loop
 calls it unconditionally. TensorBoard and W&B are optional: if not installed, one notice
 and the run goes on. One JSON object per line: {"step", "phase", "time", **metrics}.
-On resume, rl/eval records after the resumed step are dropped so each step appears once.
+A run started at step S (a resume, or 0) first drops the records after S, so each step appears once.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mempo.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
 # (metric key, label) shown in the progress bar and summary line when present.
-# The first five also go in the progress bar.
+# The first five present in a step's metrics also go in the progress bar.
 SUMMARY_KEYS = (("reward/mean", "reward"), ("memory_reward/mean", "mem"), ("kl", "kl"),
                 ("clip_fraction", "clip"), ("tokens_per_s", "tok/s"), ("grad_norm", "gnorm"),
                 ("lr", "lr"), ("loss", "loss"), ("nll", "nll"))
@@ -38,9 +38,9 @@ def summary_line(step: int, metrics: dict[str, Any], phase: str = "rl") -> str:
     return " | ".join(parts)
 
 
-def truncate_after(path: Path, step: int, phases: tuple[str, ...] = ("rl", "eval")) -> None:
-    """Drop records of `phases` with a step > `step` (a resumed run logs them again);
-    other phases (e.g. "sft", finished before RL step 0) are kept. Atomic."""
+def truncate_after(path: Path, step: int, phases: tuple[str, ...] = ("sft", "rl", "eval")) -> None:
+    """Drop records of `phases` with a step > `step`: a run resumed from step `step` (0: started
+    afresh, e.g. after a crash before its first checkpoint) logs them again. Atomic."""
     if not path.is_file():
         return
     kept = []
@@ -99,17 +99,37 @@ class RunLogger:
         if self.enabled:
             self.console.print(f"[mempo] {message}", markup=False, highlight=False, soft_wrap=True)
 
-    def progress(self, total: int, description: str = "rl", completed: int = 0) -> None:
-        """Open (or replace) the progress bar: steps done / total, with the summary fields."""
+    def progress(self, total: int, description: str = "rl", completed: int = 0,
+                 phases: dict[str, int] | None = None) -> None:
+        """Open (or replace) the progress bar: steps done / total, the ETA and the summary fields.
+        phases: steps of each phase in order (e.g. {"sft": 350, "rl": 30}); the ETA then adds
+        each phase's remaining steps at that phase's own mean step time (a warm-start step is far
+        cheaper than an RL step), and says so while a phase has no timed step yet."""
         if not (self.enabled and self.cfg.progress_bar):
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
         self._stop_progress()
+        self._phases = dict(phases or {description: total})
+        self._step_times = {name: [] for name in self._phases}
+        self._last_log = time.perf_counter()
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeRemainingColumn(), TextColumn("{task.fields[summary]}"),
+                                  TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[summary]}"),
                                   console=self.console, transient=False)
         self._progress.start()
-        self._task = self._progress.add_task(description, total=total, completed=completed, summary="")
+        self._task = self._progress.add_task(description, total=total, completed=completed, summary="", eta="")
+
+    def _eta(self, step: int) -> str:
+        left, unknown, first = 0.0, [], 0
+        for name, steps in self._phases.items():
+            remaining = max(0, min(steps, first + steps - step))
+            times = self._step_times.get(name) or []
+            if remaining and not times:
+                unknown.append(name)
+            elif remaining:
+                left += remaining * sum(times) / len(times)
+            first += steps
+        text = f"eta {int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
+        return text + (f" + {', '.join(unknown)} (not timed yet)" if unknown else "")
 
     def log(self, step: int, metrics: dict[str, Any], phase: str = "rl") -> None:
         if not self.enabled:
@@ -125,11 +145,33 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log({f"{phase}/{k}": v for k, v in numbers.items()}, step=step)
         line = summary_line(step, clean, phase)
-        if self._progress is not None:
-            short = " ".join(f"{label} {_format(clean[key])}" for key, label in SUMMARY_KEYS[:5] if key in clean)
-            self._progress.update(self._task, completed=step, summary=short)
+        if self._progress is not None:  # the phase's first five summary numbers (sft: nll, gnorm, lr)
+            now = time.perf_counter()
+            if phase in self._step_times:
+                self._step_times[phase].append(now - self._last_log)
+            self._last_log = now
+            shown = [(key, label) for key, label in SUMMARY_KEYS if key in clean][:5]
+            short = " ".join(f"{label} {_format(clean[key])}" for key, label in shown)
+            self._progress.update(self._task, completed=step, summary=short, eta=self._eta(step))
         if step % self.cfg.log_every == 0:
             self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def eval_table(self, step: int, metrics: dict[str, Any]) -> None:
+        """Print evaluation metrics ("{n}obj/{em,f1,TT,PT}") as one row per objective count."""
+        if not self.enabled:
+            return
+        from rich.table import Table
+
+        counts = sorted({int(k.split("obj/")[0]) for k in metrics if "obj/" in k})
+        table = Table(title=f"held-out evaluation at step {step} (greedy)")
+        for column in ("objectives", "EM", "F1", "TT", "PT"):
+            table.add_column(column, justify="right")
+        for n in counts:
+            table.add_row(str(n), *(f"{float(metrics[f'{n}obj/{k}']):.{p}f}" for k, p in
+                                    (("em", 3), ("f1", 3), ("TT", 0), ("PT", 0))))
+        self._stop_progress()
+        self.console.print(table)
+        self.console.print("per task: TT = tokens through the model, PT = peak context (live KV)")
 
     def _stop_progress(self) -> None:
         if self._progress is not None:

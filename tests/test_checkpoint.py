@@ -284,3 +284,54 @@ def test_run_logger_jsonl_resume_and_missing_backends(tmp_path, monkeypatch, cap
     silent.log(1, {"loss": 1.0})
     silent.close()
     assert not (tmp_path / "other_rank").exists()
+
+
+def _flip(path, offset_fraction=0.5, size=4096):
+    """Invert `size` bytes in the middle of a file (its size unchanged)."""
+    data = bytearray(path.read_bytes())
+    start = max(0, int(len(data) * offset_fraction) - size // 2)
+    data[start:start + size] = bytes(255 - b for b in data[start:start + size])
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, file, problem", [
+    (_flip, "__0_0.distcp", "__0_0.distcp does not match its checksum"),
+    (_truncate, "__0_0.distcp", "__0_0.distcp has"),
+    (lambda p: p.write_bytes(b""), "rank0.pt", "rank0.pt has 0 bytes"),
+    (lambda p: p.unlink(), "train_state.pt", "incomplete"),  # not a candidate at all: skipped silently
+    (lambda p: p.unlink(), "config.yaml", "config.yaml is missing"),
+    (lambda p: p.write_text("{"), "manifest.json", "manifest.json is missing or unreadable"),
+])
+def test_damaged_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, capsys, damage, file, problem):
+    model, optimizer, scheduler = _model_and_optimizer(0)
+    save_checkpoint(tmp_path, 1, model, optimizer, scheduler, config_yaml="x: 1\n")
+    newest = save_checkpoint(tmp_path, 2, model, optimizer, scheduler, config_yaml="x: 1\n")
+    assert resolve_resume(tmp_path, "auto") == newest
+    damage(newest / file)
+    older = tmp_path / "checkpoints" / "step_000001"
+    assert resolve_resume(tmp_path, "auto") == older
+    out = capsys.readouterr().out
+    if problem != "incomplete":
+        assert out.count("\n") == 1 and f"checkpoint {newest} is damaged ({problem}" in out
+        with pytest.raises(CheckpointError, match=f"is damaged: {problem}"):
+            resolve_resume(tmp_path, str(newest))
+    _flip(older / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="no intact checkpoint in .*--trainer.resume never"):
+        resolve_resume(tmp_path, "auto")
+
+
+def test_manifest_lists_every_file_with_size_and_crc(tmp_path):
+    """The manifest lists every other file of the checkpoint with its size and CRC-32."""
+    import json
+    import zlib
+    model, optimizer, scheduler = _model_and_optimizer(0)
+    path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert set(files) == {p.name for p in path.iterdir()} - {"manifest.json"}
+    for name, entry in files.items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}

@@ -74,7 +74,7 @@ def test_7b_recipe_check_on_the_meta_device(tmp_path, server, capsys):
     assert check_run(parse_args(args), ranks=8) == 0
     out = capsys.readouterr().out
     for expected in ("Qwen2ForCausalLM from", "(meta device, no weights loaded): 7.62B parameters, 28 layers",
-                     "every parameter present with its shape", "bfloat16 compute", "prompt: chat (chat template)",
+                     "every parameter present with its shape", "compute bfloat16;", "prompt: chat (chat template)",
                      f"http retrieval server {server}", "live query 'Where was", "-> 3 passages",
                      "128 tasks x G=16 per step over 8 rank(s): 256 trajectories per rank",
                      "weights + grads + AdamW 14.2 GiB", "rollout KV cache 224.0 GiB",

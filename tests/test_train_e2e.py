@@ -29,6 +29,7 @@ def _torchrun(run_dir, name, *extra, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _torchrun.stdout = proc.stdout
     return [json.loads(line) for line in open(run_dir / name / "metrics.jsonl")]
 
 
@@ -39,6 +40,7 @@ def _by_step(records, phase):
 @pytest.mark.slow
 def test_torchrun_train_resume_and_export(tmp_path):
     full = _torchrun(tmp_path, "full", "--trainer.steps", "2")
+    assert "held-out evaluation at step 4 (greedy)" in _torchrun.stdout  # the final table
     rl = _by_step(full, "rl")
     assert set(rl) == {3, 4}
     for record in full:
@@ -60,3 +62,21 @@ def test_torchrun_train_resume_and_export(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "full" / "hf")
     assert model.config.vocab_size == len(tokenizer)
+
+    # re-running the finished run says so and changes nothing
+    metrics = (tmp_path / "full" / "metrics.jsonl").read_text()
+    _torchrun(tmp_path, "full", "--trainer.steps", "2")
+    assert "already finished: checkpoint step_000004 is step 4 of 4" in _torchrun.stdout
+    assert (tmp_path / "full" / "metrics.jsonl").read_text() == metrics
+
+    # a damaged newest checkpoint (4 KiB flipped in a shard, size unchanged): one notice, resume from step 3
+    shard = max((tmp_path / "full" / "checkpoints" / "step_000004").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(255 - b for b in data[middle:middle + 4096])
+    shard.write_bytes(bytes(data))
+    longer = _torchrun(tmp_path, "full", "--trainer.steps", "3")
+    assert f"step_000004 is damaged ({shard.name} does not match its checksum" in _torchrun.stdout
+    assert "resuming from " + str(tmp_path / "full" / "checkpoints" / "step_000003") in _torchrun.stdout
+    keys = [(r["phase"], r["step"]) for r in longer]
+    assert len(keys) == len(set(keys)) and set(_by_step(longer, "rl")) == {3, 4, 5}  # no duplicate records

@@ -85,7 +85,7 @@ def check_weights(path: str, model: torch.nn.Module) -> str:
             raise SetupError(f"model.path {path!r}: {present[0]} has shape {shapes[present[0]]} in the weights, "
                              f"{expected} in config.json")
     size = sum(os.path.getsize(os.path.join(path, f)) for f in files)
-    return f"{len(files)} safetensors file(s), {size / GiB:.1f} GiB: every parameter present with its shape"
+    return f"{len(files)} safetensors file(s), {_fmt_bytes(size)}: every parameter present with its shape"
 
 
 def _fmt_count(n: int) -> str:
@@ -109,8 +109,8 @@ def plan_lines(cfg: Config, ranks: int) -> list[tuple[str, str]]:
                            f"vocab {mc.vocab_size}"))
     if cfg.model.path:
         lines.append(("weights", check_weights(cfg.model.path, model)))
-    dtype = {"auto": "bfloat16 on CUDA, float32 on CPU"}.get(cfg.model.dtype, cfg.model.dtype)
-    lines.append(("dtype", f"{dtype} compute; float32 master weights and gradient reduction; "
+    dtype = {"auto": "bfloat16 on CUDA, float32 on CPU (auto)"}.get(cfg.model.dtype, cfg.model.dtype)
+    lines.append(("dtype", f"compute {dtype}; float32 master weights and gradient reduction; "
                            f"activation checkpointing {'on' if cfg.model.activation_checkpointing else 'off'}"))
     tok = side.tokenizer
     lines.append(("tokenizer", f"{cfg.model.path or 'tiny world BPE'} ({type(tok).__name__}, {len(tok)} tokens); "

@@ -1,0 +1,228 @@
+"""The training loop behind `torchrun -m mempo.train` (see mempo/train.py for the command line).
+
+With no arguments it runs the built-in default on the tiny world (CPU or GPU): a small
+Qwen2 built from the config and the world's tokenizer, a supervised warm start on expert
+trajectories, MemPO RL, then evaluation on held-out tasks with 1, 2 and 4 objectives;
+metrics, checkpoints and the exported policy go under runs/<name>/.
+
+Per RL step, top to bottom: sample tasks (sharded by rank; a task's G rollouts stay on one
+rank) -> roll out with the current weights (native engine: KV of dropped segments evicted;
+or engine=vllm with truncated importance sampling)
+-> probe memories, MemPO advantages -> packed micro-batches through the fused loss ->
+optimizer step -> log, checkpoint. One optimizer and one LR schedule span both phases;
+the global step counts warm-start steps first, then RL steps.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from mempo.checkpoint import (checkpoint_root, export_hf, load_checkpoint, resolve_resume,
+                              save_checkpoint, step_dir_name)
+from mempo.config import Config
+from mempo.distributed import (all_reduce_max, all_reduce_sum, barrier, clip_grad_norm, compute_dtype,
+                               shard_for_rank, shard_model)
+from mempo.model_builder import build_model
+from mempo.optim import build_optimizer, lr_multiplier
+from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns
+from mempo.run_log import RunLogger
+from mempo.step_guard import NonFiniteStepGuard
+from mempo.training.fused_policy import FusedPolicy
+from mempo.training.inference_mode import full_weights, initialise_root
+from mempo.training.packed_batch import FILLER, pack_trajectories, split_by_token_budget
+from mempo.training.rl_step import RLStepOptions, evaluate_answers, rl_step
+from mempo.training.task_side import SetupError, build_task_side, live_query
+
+
+def step_seed(seed: int, phase: str, step: int) -> int:
+    """Same on every rank and across restarts (Python's hash() of a str is not)."""
+    return (seed * 1_000_003 + step) * 2 + (phase == "rl")
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Absolute LR at global step `step`: warm-start schedule, then the RL schedule."""
+    if step < cfg.sft.steps:
+        return cfg.sft.lr * lr_multiplier(step, cfg.sft.warmup_steps, cfg.sft.steps)
+    return cfg.optimizer.lr * lr_multiplier(step - cfg.sft.steps, cfg.optimizer.warmup_steps, cfg.trainer.steps,
+                                            cfg.optimizer.scheduler, cfg.optimizer.min_lr_ratio)
+
+
+def sft_step(policy, trajectories, cfg: Config, optimizer, guard, step: int) -> dict:
+    """One warm-start step: token-mean NLL of the expert's turns over the global batch."""
+    rng = random.Random(step_seed(cfg.trainer.seed, "sft", step))
+    picked = [rng.randrange(len(trajectories)) for _ in range(cfg.sft.batch_size)]
+    mine = [trajectories[i] for i in shard_for_rank(picked)]
+    global_tokens = max(1, int(all_reduce_sum(sum(sum(t.loss_mask[1:]) for t in mine))))
+    groups = split_by_token_budget(mine, cfg.algorithm.micro_batch_tokens) if mine else []
+    nll = 0.0
+    for k in range(int(all_reduce_max(float(len(groups))))):  # equal forwards on every rank
+        batch = pack_trajectories([mine[i] for i in groups[k]]) if k < len(groups) else FILLER
+        loss, _ = policy(batch, mode="sft", num_global_tokens=global_tokens)
+        (loss * (0.0 if batch is FILLER else 1.0)).backward()
+        nll += 0.0 if batch is FILLER else float(loss.detach())
+    grad_norm = clip_grad_norm(policy, cfg.optimizer.grad_clip)
+    nll = all_reduce_sum(nll)
+    if guard.should_step(step, nll, grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"nll": nll, "grad_norm": grad_norm}
+
+
+def evaluate(policy, engine, side, cfg: Config) -> dict[str, float]:
+    """Greedy rollouts on held-out tasks: EM, F1, TT, PT per objective count."""
+    out = {}
+    params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
+                            max_total_tokens=cfg.rollout.max_total_tokens, stop_token_ids=side.stop_token_ids)
+    context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k)
+    for n, tasks in side.eval_sets.items():
+        mine = shard_for_rank(tasks)
+        with full_weights(policy), torch.no_grad():
+            trajs = run_rollout(engine, side.env, side.tokenizer, mine, list(range(len(mine))), context, params) \
+                if mine else []
+        em, f1 = evaluate_answers(trajs, mine)
+        count = max(1.0, all_reduce_sum(float(len(mine))))
+        out[f"{n}obj/em"] = all_reduce_sum(float(sum(em))) / count
+        out[f"{n}obj/f1"] = all_reduce_sum(float(sum(f1))) / count
+        out[f"{n}obj/TT"] = all_reduce_sum(float(sum(t.tokens_processed for t in trajs))) / count
+        out[f"{n}obj/PT"] = all_reduce_sum(float(sum(t.peak_context for t in trajs))) / count
+    return out
+
+
+def rl_options(cfg: Config, stop_token_ids: tuple[int, ...]) -> RLStepOptions:
+    return RLStepOptions(
+        group_size=cfg.rollout.group_size,
+        sampling=SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
+                                cfg.rollout.max_new_tokens, cfg.rollout.max_total_tokens, cfg.rollout.seed,
+                                stop_token_ids),
+        context=ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k),
+        mem_coef=cfg.algorithm.mem_coef, memory_adv_by_step=cfg.algorithm.memory_grouping == "step",
+        scale_by_std=cfg.algorithm.scale_by_std, micro_batch_tokens=cfg.algorithm.micro_batch_tokens,
+        grad_clip=cfg.optimizer.grad_clip, ppo_epochs=cfg.algorithm.ppo_epochs,
+        mini_batches=cfg.algorithm.mini_batches,
+        tis_cap=cfg.rollout.tis_cap,
+        loss_options=dict(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
+                          dual_clip=cfg.algorithm.dual_clip, kl_coef=cfg.algorithm.kl_coef,
+                          kl_estimator=cfg.algorithm.kl_estimator, loss_agg=cfg.algorithm.loss_agg),
+    )
+
+
+def vllm_rollout(policy, tokenizer, cfg: Config, device: torch.device):
+    """The engine=vllm rollout: an in-process vLLM loaded from an export of the policy."""
+    from mempo.training.vllm_rollout import VLLMRollout
+
+    dtype = str(compute_dtype(cfg.model.dtype, device)).removeprefix("torch.")
+    return VLLMRollout(policy, tokenizer, f"{cfg.trainer.output_dir}/vllm_policy", dtype=dtype,
+                       max_model_len=cfg.rollout.max_total_tokens, seed=cfg.rollout.seed,
+                       gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
+
+
+def finished(checkpoint, total: int, cfg: Config) -> bool:
+    """The run's last step is checkpointed and (if asked for) its policy exported: nothing to do."""
+    done = checkpoint.name == step_dir_name(total)
+    return done and (not cfg.trainer.export_hf or (Path(cfg.trainer.output_dir) / "hf" / "config.json").is_file())
+
+
+def run(cfg: Config, info) -> None:
+    out_dir = cfg.trainer.output_dir
+    torch.manual_seed(cfg.trainer.seed)
+    random.seed(cfg.trainer.seed)
+    side = build_task_side(cfg)
+    searched = live_query(side, cfg)  # every rank: an unreachable server stops all of them at once
+    model = build_model(cfg.model, tokenizer=side.tokenizer, seed=cfg.trainer.seed).to(info.device)
+    if len(side.tokenizer) > model.config.vocab_size:
+        raise SetupError(f"the tokenizer has {len(side.tokenizer)} tokens, more than the model's vocab_size "
+                         f"{model.config.vocab_size}")
+    policy = FusedPolicy(model, attention="segment")
+    shard_model(policy, param_dtype=compute_dtype(cfg.model.dtype, info.device),
+                activation_checkpointing=cfg.model.activation_checkpointing)
+    optimizer = build_optimizer(policy, cfg.optimizer, lr=1.0)  # the schedule gives absolute LRs
+    initialise_root(policy, FILLER)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(cfg, s))
+    guard = NonFiniteStepGuard(cfg.trainer.max_bad_steps)
+    start = 0
+    total = cfg.sft.steps + cfg.trainer.steps
+    resume = resolve_resume(out_dir, cfg.trainer.resume)
+    if resume is not None and finished(resume, total, cfg):
+        if info.is_rank0:
+            print(f"[mempo] run {out_dir} already finished: checkpoint {resume.name} is step {total} of {total}"
+                  f"{' and the policy is exported to ' + out_dir + '/hf' if cfg.trainer.export_hf else ''}. Raise "
+                  f"trainer.steps to continue it, or start another with --trainer.name", flush=True)
+        return
+    if resume is not None:
+        state = load_checkpoint(resume, policy, optimizer, scheduler)
+        start = state.step
+        guard.load_state_dict(state.extra.get("guard", guard.state_dict()))
+    log = RunLogger(out_dir, cfg.logging, enabled=info.is_rank0, config_dict=cfg.to_dict(), resume_step=start)
+    log.notice(("resuming from " + str(resume) + "\n" if resume else "") + "config:\n" + cfg.to_yaml())
+    log.notice(f"tasks: {side.source}; tokenizer: {cfg.model.path or 'tiny world BPE'} "
+               f"({len(side.tokenizer)} tokens, {side.prompt_format} prompt); search: {searched}")
+
+    def save(step: int) -> None:
+        save_checkpoint(out_dir, step, policy, optimizer, scheduler, data_state={"step": step},
+                        extra={"guard": guard.state_dict()}, config_yaml=cfg.to_yaml(),
+                        keep_last=cfg.trainer.keep_checkpoints)
+
+    engine = NativeEngine(model, cfg.rollout.max_total_tokens)
+    context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k)
+    expert = [trajectory_from_turns(side.tokenizer, e.prompt, [(t.model, t.information) for t in e.turns], context)
+              for e in side.expert_trajectories] if start < cfg.sft.steps else []
+    opts = rl_options(cfg, side.stop_token_ids)
+    rollout_engine = engine  # engine=vllm: a VLLMRollout, built at the first RL step
+    ref_policy = None  # the frozen reference: the warm-started policy, only when kl_coef > 0
+
+    def reference() -> FusedPolicy:
+        ref = FusedPolicy(build_model(cfg.model, tokenizer=side.tokenizer, seed=cfg.trainer.seed).to(info.device),
+                          attention="segment")
+        shard_model(ref, param_dtype=compute_dtype(cfg.model.dtype, info.device))
+        if start > cfg.sft.steps:  # resumed mid-RL: the reference is the end-of-warm-start checkpoint
+            path = checkpoint_root(out_dir) / step_dir_name(cfg.sft.steps)
+            if not path.is_dir():
+                raise FileNotFoundError(f"kl_coef > 0 needs the warm-start checkpoint {path} as the reference "
+                                        "(raise trainer.keep_checkpoints, or resume from it)")
+            load_checkpoint(path, ref, restore_rng=False)
+        else:
+            with torch.no_grad():
+                for mine, theirs in zip(ref.parameters(), policy.parameters()):
+                    mine.copy_(theirs)
+        ref.requires_grad_(False)
+        initialise_root(ref, FILLER)
+        return ref
+
+    log.progress(total, "train", completed=start, phases={"sft": cfg.sft.steps, "rl": cfg.trainer.steps})
+    for step in range(start, total):
+        if step < cfg.sft.steps:  # 1. supervised warm start on expert trajectories
+            metrics, phase = sft_step(policy, expert, cfg, optimizer, guard, step), "sft"
+        else:  # 2. MemPO RL
+            rl = step - cfg.sft.steps
+            if cfg.algorithm.kl_coef and ref_policy is None:
+                ref_policy = reference()
+            if cfg.rollout.engine == "vllm" and rollout_engine is engine:
+                rollout_engine = vllm_rollout(policy, side.tokenizer, cfg, info.device)
+            rng = random.Random(step_seed(cfg.trainer.seed, "rl", rl))
+            tasks = [side.train_tasks[rng.randrange(len(side.train_tasks))] for _ in range(cfg.rollout.batch_size)]
+            metrics = rl_step(policy, rollout_engine, side.env, side.tokenizer, shard_for_rank(tasks), opts, optimizer,
+                              rl, guard, ref_policy)
+            phase = "rl"
+        metrics["lr"] = scheduler.get_last_lr()[0]
+        scheduler.step()
+        log.log(step + 1, metrics, phase)
+        done = step + 1
+        if done == cfg.sft.steps or done == total or (
+                cfg.trainer.save_every and done > cfg.sft.steps and (done - cfg.sft.steps) % cfg.trainer.save_every == 0):
+            save(done)
+        if cfg.trainer.eval_every and done > cfg.sft.steps and (done - cfg.sft.steps) % cfg.trainer.eval_every == 0 \
+                and done != total:
+            log.log(done, evaluate(policy, engine, side, cfg), "eval")
+    # 3. evaluation on held-out tasks with 1, 2, 4 objectives, then the exported policy
+    final = evaluate(policy, engine, side, cfg)
+    log.log(total, final, "eval")
+    log.eval_table(total, final)
+    if cfg.trainer.export_hf:
+        export_hf(policy, side.tokenizer, f"{out_dir}/hf")
+        log.notice(f"exported the policy to {out_dir}/hf")
+    log.close()
+    barrier()
+    if rollout_engine is not engine:
+        rollout_engine.close()  # last: vLLM's teardown destroys the default process group
