@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -292,8 +293,9 @@ class TrainerConfig:
     seed: int = _field(0, "global seed (model init, task sampling)")
 
     def validate(self) -> None:
-        _require(bool(self.name) and "/" not in self.name,
-                 "trainer.name", "a non-empty name without '/'", self.name)
+        _require(bool(self.name) and not {"/", "\\"} & set(self.name) and self.name not in (".", ".."),
+                 "trainer.name", "a non-empty name without '/' or '\\', not '.' or '..' (it is a directory "
+                 "inside trainer.run_dir)", self.name)
         _require(self.steps >= 0, "trainer.steps", ">= 0", self.steps)
         for name in ("save_every", "keep_checkpoints", "eval_every"):
             _require(getattr(self, name) >= 0, f"trainer.{name}", ">= 0", getattr(self, name))
@@ -335,9 +337,13 @@ class Config:
         for section in dataclasses.fields(self):
             values = getattr(self, section.name)
             for f in dataclasses.fields(values):
-                if getattr(values, f.name) == MISSING:
+                value = getattr(values, f.name)
+                if value == MISSING:
                     raise ConfigError(f"{section.name}.{f.name} is required by this config: "
                                       f"set it with --{section.name}.{f.name} VALUE")
+                numbers = value if isinstance(value, list) else [value]
+                _require(all(not isinstance(x, float) or math.isfinite(x) for x in numbers),
+                         f"{section.name}.{f.name}", "finite (no inf or nan)", value)
             values.validate()
         if self.env.uses_files:
             _require(self.model.path is not None, "model.path",

@@ -155,8 +155,12 @@ class SegmentLayout:
             for a, s in enumerate(segs):
                 sees = getattr(s, "sees", None)  # rollout segments (TrajectorySegment) have none
                 if sees is not None:
+                    idx = np.asarray(list(sees), dtype=np.int64).reshape(-1)
+                    if ((idx < 0) | (idx >= len(segs))).any():  # a negative index would wrap around
+                        raise ValueError(f"sequences[{b}][{a}].sees must hold segment indices in [0, {len(segs)}), "
+                                         f"got {list(sees)}")
                     vis[a] = False
-                    vis[a, np.asarray(list(sees), dtype=np.int64)] = True
+                    vis[a, idx] = True
             tables.append((ends - starts, vis, kinds, steps))
             lengths.append(length)
         return _pack(tables, lengths, position_ids)
@@ -170,12 +174,18 @@ class SegmentLayout:
         tables, lengths = [], []
         for b, (seg_len, vis) in enumerate(zip(segment_lengths, visible, strict=True)):
             seg_len = np.asarray(seg_len, dtype=np.int64)
-            vis = np.asarray(vis.cpu() if isinstance(vis, Tensor) else vis, dtype=bool)
+            vis = np.asarray(vis.cpu() if isinstance(vis, Tensor) else vis)
+            if vis.dtype != bool and not np.isin(vis, (0, 1)).all():
+                # an additive 0/-inf mask (or 0.5) cast to bool would be silently inverted / rounded
+                raise ValueError(f"visible[{b}] must be bool or hold only 0 and 1 (1 = visible), got values "
+                                 f"{np.unique(vis)[:6].tolist()}; an additive 0/-inf mask is not a visibility table")
+            vis = vis.astype(bool)
             n = len(seg_len)
             if vis.shape != (n, n):
                 raise ValueError(f"visible[{b}] must have shape ({n}, {n}), got {tuple(vis.shape)}")
-            if n == 0 or (seg_len < 0).any():
-                raise ValueError(f"segment_lengths[{b}] must be a non-empty list of lengths >= 0")
+            if n == 0 or (seg_len < 0).any() or seg_len.sum() == 0:
+                raise ValueError(f"segment_lengths[{b}] must be a non-empty list of lengths >= 0 with at least "
+                                 f"one token in all, got {seg_len.tolist()}")
             k = [_kind_code(x, f"kinds[{b}]") for x in kinds[b]] if kinds else [0] * n
             st = list(steps[b]) if steps else [0] * n
             tables.append((seg_len, vis, k, st))

@@ -8,9 +8,12 @@
 
 // The per-row loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
 // time (GCC function multi-versioning), so the build needs no -march and stays portable.
-// FMA contraction is left on (it makes the exp ~25% cheaper): x * inv_t - m may then skip the
-// rounding of z, a change of at most |z| * 2^-24, the same size as the rounding of the float32
-// lse that p = exp(z - lse) inherits anyway. With inv_t == 1 nothing changes.
+// Exponents are formed as (x - x_max) * inv_t, never as x * inv_t - m: with FMA contraction the
+// latter skips the rounding of z = x * inv_t, so at |z| ~ 5e8 (a large logit, or T <= 1e-10)
+// the max element's exponent was no longer 0, every exp could underflow and lse became -inf
+// (log-probs +inf). With the difference taken first, the max element's exponent is exactly 0
+// (so sum >= 1) and nothing is left to contract. max(x) * inv_t is max(z) as rounded, since
+// inv_t > 0 and rounding is monotonic.
 // The clones must be separate functions from the OpenMP region: the outlined parallel body
 // would not inherit their target attribute.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -37,71 +40,84 @@ struct RowStats {
 
 MEMPO_CPU_CLONES
 RowStats row_stats_one(const float* x, int64_t vocab, float inv_t, bool with_entropy) {
-  // m: running max of z; s = sum exp(z - m); t = sum exp(z - m) * (z - m). Accumulating t
-  // relative to the max keeps the rounding of |z| ~ 1e3 logits out of the entropy, as in
-  // the PyTorch statement of the contract. m starts at -inf, not 0: rows of very negative
-  // logits would otherwise underflow every exp to 0.
-  float m = kNegInf, s = 0.0f, t = 0.0f;
+  // mx: running max of the raw logits (m = mx * inv_t is the max of z); s = sum exp(z - m);
+  // t = sum exp(z - m) * (z - m). Accumulating t relative to the max keeps the rounding of
+  // |z| ~ 1e3 logits out of the entropy, as in the PyTorch statement of the contract. mx starts
+  // at -inf, not 0: rows of very negative logits would otherwise underflow every exp to 0.
+  float mx = kNegInf, s = 0.0f, t = 0.0f;
   for (int64_t b0 = 0; b0 < vocab; b0 += kBlock) {
     const float* xb = x + b0;
     const int64_t n = std::min(kBlock, vocab - b0);
     float bm = kNegInf;
 #pragma omp simd reduction(max : bm)
-    for (int64_t i = 0; i < n; ++i) {
-      const float z = xb[i] * inv_t;
-      bm = z > bm ? z : bm;
-    }
-    if (bm > m) {
+    for (int64_t i = 0; i < n; ++i) bm = xb[i] > bm ? xb[i] : bm;
+    if (bm > mx) {
       if (s > 0.0f) {  // nothing to rescale (and -inf - m would give NaN) before the first
-        const float c = simd_expf(m - bm);
+        const float shift = (mx - bm) * inv_t;
+        const float c = simd_expf(shift);
         // sum e'(z - m') with e' = e c and z - m' = (z - m) + (m - m').
-        t = c * (t + (m - bm) * s);
+        t = c * (t + shift * s);
         s *= c;
       }
-      m = bm;
+      mx = bm;
     }
-    if (m == kNegInf) continue;  // all -inf so far: contributes nothing yet
+    if (mx == kNegInf) continue;  // all -inf so far: contributes nothing yet
     float bs = 0.0f, bt = 0.0f;
     if (with_entropy) {
 #pragma omp simd reduction(+ : bs, bt)
       for (int64_t i = 0; i < n; ++i) {
-        const float d = xb[i] * inv_t - m;
+        const float d = (xb[i] - mx) * inv_t;
         const float e = simd_expf(d);
         bs += e;
         bt += e > 0.0f ? e * d : 0.0f;  // masked (-inf) logits: 0 * -inf would be NaN
       }
     } else {
 #pragma omp simd reduction(+ : bs)
-      for (int64_t i = 0; i < n; ++i) bs += simd_expf(xb[i] * inv_t - m);
+      for (int64_t i = 0; i < n; ++i) bs += simd_expf((xb[i] - mx) * inv_t);
     }
     s += bs;
     t += bt;
   }
+  const float m = mx * inv_t;
   return {m + std::log(s), m + t / s};
+}
+
+MEMPO_CPU_CLONES
+float row_max(const float* x, int64_t vocab) {
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < vocab; ++i) mx = x[i] > mx ? x[i] : mx;
+  return mx;
 }
 
 MEMPO_CPU_CLONES
 void write_logit_grad_one(float* x, int64_t vocab, int64_t target, float inv_t, float lse,
                           float g_logp, const float* g_ent, const float* mean_z) {
-  const float z_t = x[target] * inv_t;  // kept: the sweep overwrites it
+  // p = exp(z - lse) = exp((x - mx) * inv_t - log_s), log_s = lse - mx * inv_t >= ~0: the max
+  // element's exponent stays <= 0 at any |z| (see the top of the file). With inv_t == 1 the
+  // row max is not needed (z - lse has no product to contract).
+  const float mx = inv_t == 1.0f ? 0.0f : row_max(x, vocab);
+  const float log_s = lse - mx * inv_t;
+  const float d_t = (x[target] - mx) * inv_t - log_s;  // z_t - lse; kept: the sweep overwrites it
   float coef_t;
   if (g_ent != nullptr) {
-    const float ge = *g_ent, mz = *mean_z, neg_inv_t = -inv_t;
-    coef_t = g_logp + ge * (z_t - mz);
+    const float ge = *g_ent, neg_inv_t = -inv_t;
+    const float mz = *mean_z - lse;  // (z - mean_z) = (z - lse) - (mean_z - lse)
+    coef_t = g_logp + ge * (d_t - mz);
 #pragma omp simd
     for (int64_t i = 0; i < vocab; ++i) {
-      const float z = x[i] * inv_t;
-      // z - mz before scaling: at |z| ~ 1e3 a folded a + b * z would cancel catastrophically.
-      x[i] = simd_expf(z - lse) * (g_logp + ge * (z - mz)) * neg_inv_t;
+      const float d = (x[i] - mx) * inv_t - log_s;
+      // d - mz before scaling: at |z| ~ 1e3 a folded a + b * z would cancel catastrophically.
+      x[i] = simd_expf(d) * (g_logp + ge * (d - mz)) * neg_inv_t;
     }
   } else {
     coef_t = g_logp;
     const float scale = -g_logp * inv_t;
 #pragma omp simd
-    for (int64_t i = 0; i < vocab; ++i) x[i] = simd_expf(x[i] * inv_t - lse) * scale;
+    for (int64_t i = 0; i < vocab; ++i) x[i] = simd_expf((x[i] - mx) * inv_t - log_s) * scale;
   }
   // The one-hot term, applied once to the target instead of a compare in every lane.
-  x[target] = (g_logp - simd_expf(z_t - lse) * coef_t) * inv_t;
+  x[target] = (g_logp - simd_expf(d_t) * coef_t) * inv_t;
 }
 
 }  // namespace

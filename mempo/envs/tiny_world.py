@@ -7,6 +7,7 @@ born?"). N-objective tasks join N distinct questions of the same split.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -151,9 +152,11 @@ class TinyWorld:
         """Every kind of text the agent meets (corpus, prompts, expert turns), in a fixed
         order; the tokenizer is trained on it."""
         texts = [f"{d.title}: {d.text}" for d in self.corpus]
+        # enough turns for any expert: the vocabulary must not depend on a run's rollout.max_turns
+        env = SearchEnv(self.search_tool, dataclasses.replace(self.config.env, max_turns=4 * max_objectives + 1))
         for n in range(1, max_objectives + 1):
             tasks = self.tasks("train", n)[:64]
-            for trajectory in self.expert_trajectories(tasks):
+            for trajectory in self.expert_trajectories(tasks, env):
                 texts.append(trajectory.prompt)
                 texts += [t.model + (t.information or "") for t in trajectory.turns]
         texts += [q.task.questions[0] for q in self.questions]

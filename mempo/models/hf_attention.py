@@ -7,14 +7,18 @@ a stock model (Qwen2, Llama, ...) then runs it with
     model(input_ids=ids[None], position_ids=layout.position_ids[None], segment_layout=layout)
 
 The layout travels as a forward kwarg (transformers 5 passes **kwargs down to the
-attention function). "mempo_segment" is not in AttentionMaskInterface, so transformers
-builds no 4D mask on this path (attention_mask arrives as None).
+attention function). Visibility comes from the layout alone: the mask function registered
+for "mempo_segment" builds no mask, and a 2-D attention_mask with zeros (padding) is an
+error rather than silently ignored. The rotary positions must be the layout's: position_ids
+that differ from `layout.position_ids` (including the 0..L-1 transformers uses when they are
+omitted, for a layout whose positions are not that) are an error.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
 
 from mempo.ops.segment_attention import segment_attention
 from mempo.segment_layout import SegmentLayout
@@ -35,12 +39,39 @@ def hf_segment_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
         raise ValueError("segment attention takes no attention_mask: visibility comes from segment_layout")
     if dropout:
         raise ValueError(f"segment attention has no dropout, got dropout={dropout}")
+    if kwargs.get("position_ids") is not None:
+        _check_positions(kwargs["position_ids"], segment_layout)
     out = segment_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                             segment_layout, scale=scaling, backend=segment_backend)
     return out[None], None
 
 
+def _check_positions(position_ids: Tensor, layout: SegmentLayout) -> None:
+    """position_ids must be the layout's; checked once per tensor (the trainer passes a view of
+    layout.position_ids itself, which needs no comparison and so no device sync)."""
+    key = (position_ids.data_ptr(), position_ids.numel())
+    checked = layout._cache.setdefault("checked_positions", set())
+    if key in checked or key == (layout.position_ids.data_ptr(), layout.position_ids.numel()):
+        return
+    flat = position_ids.reshape(-1)
+    if flat.shape != layout.position_ids.shape or not torch.equal(flat.to(layout.position_ids.device),
+                                                                    layout.position_ids):
+        raise ValueError("position_ids differ from segment_layout.position_ids (the positions tokens were generated "
+                         "at): pass position_ids=layout.position_ids[None] to the model")
+    checked.add(key)
+
+
+def _no_mask(attention_mask: Tensor | None = None, **kwargs) -> None:
+    """Mask function for "mempo_segment": none is built (the layout is the mask); a 2-D padding
+    mask with zeros would be ignored, so it is an error."""
+    if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+        raise ValueError(f"attn_implementation={ATTENTION_NAME!r} takes no padding: the 2-D attention_mask has "
+                         f"zeros; pack sequences without padding (segment_layout says who sees whom)")
+    return None
+
+
 def register_segment_attention() -> str:
-    """Register the backend (idempotent) -> its attn_implementation name."""
+    """Register the backend and its (empty) mask function (idempotent) -> the attn_implementation name."""
     AttentionInterface.register(ATTENTION_NAME, hf_segment_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
     return ATTENTION_NAME

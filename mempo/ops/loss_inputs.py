@@ -3,6 +3,7 @@ per-token advantages (from the per-token or the compact MemPO form) and the aggr
 weights that turn per-token losses into the scalar loss (loss = sum_i w_i * l_i)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,10 @@ class MemPOAdvantages:
     mem_adv: Tensor
     segment_index: Tensor
     mem_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mem_coef, (int, float)) or not math.isfinite(self.mem_coef):
+            raise ValueError(f"mem_coef must be a finite number, got {self.mem_coef!r}")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Options of the clipped policy loss, validated once and shared by every backend."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 LOSS_AGGREGATIONS = (
@@ -36,6 +37,10 @@ class PolicyLossOptions:
     seq_norm_len: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("clip_low", "clip_high", "dual_clip", "kl_coef"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if not 0.0 <= self.clip_low < 1.0:
             raise ValueError(f"clip_low must be in [0, 1), got {self.clip_low}")
         if self.clip_high < 0.0:

@@ -57,13 +57,18 @@ def policy_loss(
     compute_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     inputs = prepare_loss_inputs(n, device, compute_dtype, advantages, loss_mask, seq_index, ref_logprobs, opts)
 
-    logp = logprobs.detach().to(compute_dtype)
-    ref = None if ref_logprobs is None else ref_logprobs.detach().to(compute_dtype)
-    terms = surrogate_terms(logp, old_logprobs.detach().to(compute_dtype), inputs.advantages, ref, opts)
+    # Masked tokens take no part: zero their inputs, so a NaN/inf there (padding, a skipped
+    # row) cannot reach the sum through 0 * NaN (linear_policy_loss never reads them either).
+    keep = inputs.mask
+    zero = lambda t: torch.where(keep, t.detach().to(compute_dtype), 0.0)  # noqa: E731
+    logp = zero(logprobs)
+    ref = None if ref_logprobs is None else zero(ref_logprobs)
+    terms = surrogate_terms(logp, zero(old_logprobs), zero(inputs.advantages), ref, opts)
     value = (terms.loss * inputs.weights).sum()
     grad = (terms.grad * inputs.weights).to(logprobs.dtype)
     loss = with_precomputed_grad(value, [logprobs], [grad])
-    return loss, loss_metrics(value, terms, inputs.mask, inputs.num_loss_tokens, logp, old_logprobs, entropy)
+    return loss, loss_metrics(value, terms, inputs.mask, inputs.num_loss_tokens, logp, zero(old_logprobs),
+                              None if entropy is None else zero(entropy))
 
 
 def loss_metrics(

@@ -7,6 +7,8 @@ tests run the Triton kernel on the CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,12 +66,23 @@ def sequence_masks(layout: SegmentLayout) -> list[tuple[int, int, Tensor]]:
 
 
 def _torch_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, scale: float) -> Tensor:
+    # SDPA adds its mask (-inf) to the scores and multiplies p = 0 by v, so a NaN/inf key or
+    # value would reach rows that never see it. Such tokens are zeroed and the rows that do
+    # see one are set to NaN afterwards, as the Triton kernel and the reference behave.
+    # The common case pays one pass over k and v and a host check (free for CPU tensors).
+    bad = ~(torch.isfinite(k).flatten(1).all(1) & torch.isfinite(v).flatten(1).all(1))
+    any_bad = bool(bad.any())
+    if any_bad:
+        k, v = (torch.where(bad[:, None, None], torch.zeros_like(t), t) for t in (k, v))
     outs = []
     for t0, t1, mask in sequence_masks(layout):
         o = F.scaled_dot_product_attention(q[t0:t1].transpose(0, 1), k[t0:t1].transpose(0, 1),
                                            v[t0:t1].transpose(0, 1), attn_mask=mask, scale=scale,
-                                           enable_gqa=k.shape[1] != q.shape[1])
-        outs.append(o.transpose(0, 1))
+                                           enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1)
+        if any_bad:
+            sees_bad = (mask & bad[None, t0:t1]).any(1)
+            o = torch.where(sees_bad[:, None, None], torch.full_like(o, float("nan")), o)
+        outs.append(o)
     return torch.cat(outs, dim=0)
 
 
@@ -111,6 +124,9 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout, sc
         backend = "triton" if q.is_cuda else "torch"
     if backend == "torch":
         return _torch_attention(q, k, v, layout, scale)
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors, got q on {q.device} (use backend='torch' or 'auto'; "
+                         f"tests run the kernel on the CPU with TRITON_INTERPRET=1 set before triton is imported)")
     if q.dtype == torch.float64:
         raise ValueError("q.dtype float64 is not supported by the triton backend; use backend='torch'")
     if q.shape[2] > 256:

@@ -40,7 +40,7 @@ class RolloutKVCache:
         start = self.lengths[row]
         if start + count > self.capacity:
             raise OverflowError(f"row {row}: context of {start + count} tokens exceeds the cache capacity "
-                                f"{self.capacity} (raise rollout.max_context_tokens)")
+                                f"{self.capacity} (rollout.max_total_tokens bounds a trajectory)")
         ranges = self.slot_ranges[row]
         if ranges and ranges[-1][1] == first_token:
             ranges[-1] = (ranges[-1][0], first_token + count)
@@ -58,7 +58,15 @@ class RolloutKVCache:
         if not drops:
             return
         batch = self.buffer.shape[1]
+        for r, ranges in drops.items():  # all checks first: a rejected drop leaves the cache as it was
+            if not isinstance(r, int) or not 0 <= r < batch:
+                raise ValueError(f"drops: row {r!r} is not a row of this cache (0..{batch - 1})")
+            for pair in ranges:
+                if len(pair) != 2 or not all(isinstance(v, int) for v in pair) or not 0 <= pair[0] <= pair[1]:
+                    raise ValueError(f"drops[{r}]: ranges must be (start, end) ints with 0 <= start <= end, "
+                                     f"got {pair!r}")
         keep_slots: list[list[tuple[int, int]]] = []
+        kept_ranges = {}
         for r in range(batch):
             if r not in drops:
                 keep_slots.append([(0, self.lengths[r])])
@@ -68,9 +76,8 @@ class RolloutKVCache:
             for a, b in self.slot_ranges[r]:
                 slot_of.append((a, b, slot))
                 slot += b - a
-            kept = _subtract(self.slot_ranges[r], drops[r])
-            keep_slots.append(_slots_of(kept, slot_of))
-            self.slot_ranges[r] = kept
+            kept_ranges[r] = _subtract(self.slot_ranges[r], drops[r])
+            keep_slots.append(_slots_of(kept_ranges[r], slot_of))
         width = max(1, max(len(k) for k in keep_slots))
         keep = torch.zeros(batch, width, 2, dtype=torch.int64)
         for r, ranges in enumerate(keep_slots):
@@ -79,6 +86,8 @@ class RolloutKVCache:
         lengths = torch.tensor(self.lengths, dtype=torch.int64)
         new_lengths = evict_segments(self.buffer, keep.to(self.buffer.device), lengths.to(self.buffer.device))
         self.lengths = [int(x) for x in new_lengths.tolist()]
+        for r, kept in kept_ranges.items():
+            self.slot_ranges[r] = kept
 
 
 def _subtract(ranges: list[tuple[int, int]], dropped: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -162,8 +162,12 @@ def build_task_side(cfg: Config) -> TaskSide:
             experts = load_demonstrations(cfg.sft.data_path, env)
         except ValueError as err:
             raise SetupError(f"sft.data_path: {err}") from None
-    elif cfg.sft.steps:
-        experts = world.expert_trajectories(train_tasks, env)  # Config.validate: files need sft.data_path
+    elif cfg.sft.steps:  # Config.validate: files need sft.data_path, so this is the tiny world
+        try:
+            experts = world.expert_trajectories(train_tasks, env)
+        except ValueError as err:  # "the expert needs N turns, env max_turns is M"
+            raise SetupError(f"rollout.max_turns={cfg.rollout.max_turns} is too small for the tiny world's "
+                             f"warm-start demonstrations ({err}); raise it or lower env.train_objectives") from None
     return TaskSide(tokenizer, env, train_tasks, eval_sets, experts, model_stop_token_ids(cfg.model.path, tokenizer),
                     "plain" if template is None else "chat", source)
 
