@@ -154,3 +154,25 @@ def test_bad_inputs():
         linear_policy_loss(h, w, t, z, z, m, seq_index=seq, kl_estimator="k4")
     with pytest.raises(TypeError):
         linear_policy_loss(h, w, t, z, z, m, seq_index=seq, clip=0.2)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_strided_per_token_inputs_all_rows_kept(seed, backend):
+    """A non-contiguous float32 advantage tensor with an all-ones mask (nothing is gathered, so
+    nothing makes it contiguous on the way) must give the contiguous answer on every backend."""
+    n, h, v = 37, 16, 53
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h) * 0.3
+    targets = torch.randint(0, v, (n,))
+    old = -torch.rand(n) * 3
+    adv_wide = torch.randn(n, 3)
+    mask = torch.ones(n, dtype=torch.bool)
+    results = []
+    for adv in (adv_wide[:, 1], adv_wide[:, 1].contiguous()):
+        loss, _ = linear_policy_loss(hidden, weight, targets, old, adv, mask, backend=backend,
+                                         loss_agg="token-mean")
+        (grad,) = torch.autograd.grad(loss, hidden)
+        results.append((loss.detach(), grad))
+    assert not adv_wide[:, 1].is_contiguous()
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

@@ -115,3 +115,14 @@ def test_segment_forward_equals_dense_mask_forward():
         dense = packed_hidden(model, batch, "dense")
         segment = packed_hidden(model, batch, "segment")
     torch.testing.assert_close(segment, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_token_budget_counts_the_probes():
+    """Scoring batches carry two probes per memory: the budget must bound what is packed."""
+    _, tok, tasks, trajs = _expert_trajs(n=6, objectives=2)
+    probes = [build_probes(t, *_answer_ids(tok, task)) for t, task in zip(trajs, tasks)]
+    budget = 2 * max(len(t) for t in trajs)
+    for batch_ids in split_by_token_budget(trajs, budget, probes):
+        packed = pack_trajectories([trajs[i] for i in batch_ids], [probes[i] for i in batch_ids])
+        assert packed.num_tokens <= budget or len(batch_ids) == 1
+    assert len(split_by_token_budget(trajs, budget, probes)) > len(split_by_token_budget(trajs, budget))

@@ -106,3 +106,28 @@ def test_inexact_engine_recomputes_old_logprobs_and_reweights_tokens(monkeypatch
     assert any(d.abs().max() > 0 for d in native_delta)
     for a, b in zip(native_delta, shifted_delta):
         torch.testing.assert_close(b, weight * a, rtol=1e-3, atol=1e-6)  # float32 p + dp - p rounding
+
+
+def test_memory_advantage_reaches_the_update_linearly(monkeypatch):
+    """On-policy with SGD and no clipping the update is linear in the token advantages, which are
+    traj_adv + mem_coef * mem_adv on memory tokens: update(c) = update(0) + c * (update(1) - update(0)),
+    and the memory part is not zero. Fails if mem_coef or mem_adv is lost on the way to the loss."""
+    world, tok = tiny_world()
+    monkeypatch.setattr(rl_step_module, "run_rollout", _forced_rollout(world))
+    tasks = world.tasks("train", num_objectives=1)[:2]
+
+    def update(mem_coef):
+        model = tiny_model(len(tok), seed=7, init_std=0.02)
+        policy = FusedPolicy(model, attention="segment")
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1),
+                             micro_batch_tokens=400, grad_clip=0.0, mem_coef=mem_coef)
+        before = [p.detach().clone().double() for p in model.parameters()]
+        metrics = rl_step(policy, NativeEngine(model, 2048), world.env(), tok, tasks, opts, opt, step=0)
+        assert metrics["memory_adv/abs_mean"] > 0 and metrics["clip_fraction"] == 0.0
+        return torch.cat([(p.detach().double() - b).flatten() for p, b in zip(model.parameters(), before)])
+
+    d0, d1, d3 = update(0.0), update(1.0), update(3.0)
+    memory_part = d1 - d0
+    assert memory_part.abs().max() > 1e-3 * d0.abs().max()
+    torch.testing.assert_close(d3 - d0, 3.0 * memory_part, rtol=1e-3, atol=1e-6)

@@ -108,3 +108,46 @@ def test_sampling_logprobs_and_truncation(seed):
     assert torch.equal(greedy, logits.argmax(-1))
     with pytest.raises(ValueError, match="top_p"):
         sample_tokens(logits, 1.0, top_p=0.0)
+
+
+def test_sampled_turns_after_real_drops_keep_the_invariant():
+    """Two expert turns forced (the second memory drops the first turn), then sampled turns: the
+    sampled tokens see the evicted cache, and training must see exactly that."""
+    world, tok = tiny_world()
+    tasks = [t for t in world.tasks("train", num_objectives=1) if t.questions[0].startswith("Where was the mentor")][:2]  # 2-hop
+    experts = world.expert_trajectories(tasks)
+    assert all(len(e.turns) == 3 for e in experts)
+    model = tiny_model(len(tok), seed=4)
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, seed=5)
+    forced = [[t.model for t in e.turns[:2]] for e in experts]
+    trajs = run_rollout(NativeEngine(model, 2048), world.env(), tok, tasks, [0, 1], ContextPolicy("mempo"), params,
+                        forced_turns=forced)
+    for traj in trajs:
+        first = [s for s in traj.segments if s.step == 1]
+        assert first and all(s.dropped_at is not None for s in first)  # turn 1 really dropped
+        sampled = [i for s in traj.segments if s.step == 3 and s.kind in ("memory", "action")
+                   for i in range(s.start, s.end)]
+        assert sampled  # turn 3 was sampled after the drop
+        rows = torch.tensor(sampled) - 1
+        replayed = dense_visibility_logprobs(model, traj)
+        recorded = torch.tensor(traj.sample_logprobs[1:])
+        assert (replayed[rows] - recorded[rows]).abs().max() <= 1e-4
+        batch = pack_trajectories([traj])
+        with torch.no_grad():
+            trainer = linear_logprobs(packed_hidden(model, batch, "segment"), model.lm_head.weight, batch.targets)
+        assert (trainer[rows] - recorded[rows]).abs().max() <= 1e-4
+        causal = dense_visibility_logprobs(model, traj, causal=True)
+        assert (causal[rows] - recorded[rows]).abs().max() > 1e-3  # the drop matters for these tokens
+
+
+def test_tool_reply_that_would_overflow_max_total_tokens_ends_the_row():
+    world, tok = tiny_world()
+    task = world.tasks("train", num_objectives=1)[0]
+    (expert,) = world.expert_trajectories([task])
+    prompt = len(tok(expert.prompt, add_special_tokens=False)["input_ids"])
+    turn = len(tok(expert.turns[0].model, add_special_tokens=False)["input_ids"])
+    limit = prompt + turn + 5  # the <information> reply (~30 tokens) does not fit
+    params = SamplingParams(max_new_tokens=64, max_total_tokens=limit)
+    (traj,) = run_rollout(NativeEngine(tiny_model(len(tok)), limit), world.env(), tok, [task], [0], ContextPolicy(),
+                          params, forced_turns=[[expert.turns[0].model]])
+    assert traj.finish_reason == "max_tokens" and len(traj) <= limit and traj.reward == 0.0

@@ -66,7 +66,9 @@ def linear_policy_loss(
     all_rows = rows.numel() == n
     pick = (lambda t: t) if all_rows else (lambda t: t.index_select(0, rows))  # noqa: E731
     x = pick(hidden)
-    tgt, adv, w = pick(targets.long()).contiguous(), pick(inputs.advantages), pick(inputs.weights)
+    # every per-row operand contiguous: the kernels read them with stride 1 (a strided float32
+    # advantage tensor with an all-ones mask used to reach them as is)
+    tgt, adv, w = (pick(t).contiguous() for t in (targets.long(), inputs.advantages, inputs.weights))
     old = pick(old_logprobs.detach()).to(stat).contiguous()
     ref = None if ref_logprobs is None else pick(ref_logprobs.detach()).to(stat).contiguous()
     m = rows.numel()

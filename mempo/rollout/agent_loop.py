@@ -71,7 +71,8 @@ def run_rollout(
     """Roll out one trajectory per task (repeat a task G times for a group).
 
     forced_turns: optional model text per row and turn to teacher-force instead of
-    sampling (the log-probs of forced tokens are still the model's)."""
+    sampling (the log-probs of forced tokens are still the model's); turns after a row's
+    forced ones are sampled."""
     tags: AgentTags = env.config.tags
     episodes = env.reset(tasks)
     rows = [_Row(Trajectory(task_index=i, group_index=g), e) for i, (g, e) in enumerate(zip(group_index, episodes))]
@@ -129,11 +130,11 @@ def run_rollout(
             if r in ended:
                 res = results[ended.index(r)]
                 _close_turn(row, tokenizer)
-                if res.done or len(row.traj) >= params.max_total_tokens:
+                info_ids = [] if res.done else tokenizer(res.information, add_special_tokens=False)["input_ids"]
+                if res.done or not fits_reply(row.traj, info_ids, params):
                     _finish(row, res, params)
                     bar.update(1)
                     continue
-                info_ids = tokenizer(res.information, add_special_tokens=False)["input_ids"]
                 row.traj.information_texts[-1] = res.information
             starts[r] = len(row.traj) - 1
             chunks[r] = [row.traj.token_ids[-1]] + info_ids
@@ -154,21 +155,35 @@ def run_rollout(
 def _choose_tokens(rows, live, logits, params, generator):
     tokens, logps = sample_tokens(logits, params.temperature, params.top_p, params.top_k, generator)
     tokens, logps = tokens.tolist(), logps.tolist()
-    forced_idx = [i for i, r in enumerate(live) if rows[r].forced is not None]
+    forced_idx = [i for i, r in enumerate(live) if _forced_turn(rows[r]) is not None]
     if forced_idx:
         scaled = logits[forced_idx] / (params.temperature if params.temperature > 0 else 1.0)
         logp_all = torch.log_softmax(scaled, dim=-1)
         for j, i in enumerate(forced_idx):
             row = rows[live[i]]
-            turn = row.forced[row.step if row.turn_tokens is None else row.step - 1]
+            turn = _forced_turn(row)
             pos = 0 if row.turn_tokens is None else len(row.turn_tokens)
             tokens[i] = turn[pos]
             logps[i] = float(logp_all[j, tokens[i]])
     return tokens, logps
 
 
+def fits_reply(traj: Trajectory, info_ids: list[int], params: SamplingParams) -> bool:
+    """The tool's reply fits with room for one more model token (the trajectory, and so the KV
+    cache sized by max_total_tokens, never exceeds max_total_tokens); else the row ends."""
+    return len(traj) + len(info_ids) < params.max_total_tokens
+
+
+def _forced_turn(row: _Row) -> list[int] | None:
+    """The teacher-forced ids of the row's current (or, between turns, next) turn; None once
+    its forced turns are used up: later turns are sampled."""
+    index = row.step if row.turn_tokens is None else row.step - 1
+    return row.forced[index] if row.forced is not None and index < len(row.forced) else None
+
+
 def _forced_turn_over(row: _Row) -> bool:
-    return row.forced is not None and len(row.turn_tokens) >= len(row.forced[row.step - 1])
+    turn = _forced_turn(row)
+    return turn is not None and len(row.turn_tokens) >= len(turn)
 
 
 def _close_turn(row: _Row, tokenizer) -> None:
@@ -186,7 +201,7 @@ def _finish(row: _Row, result, params: SamplingParams) -> None:
         row.traj.finish_reason = "answer"
     elif not ep.format_valid:
         row.traj.finish_reason = "format_error"
-    elif len(row.traj) >= params.max_total_tokens:
+    elif not ep.done:  # the env would go on: the trajectory hit max_total_tokens (a turn or a reply)
         row.traj.finish_reason = "max_tokens"
     else:
         row.traj.finish_reason = "max_turns"

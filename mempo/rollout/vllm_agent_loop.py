@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from mempo.envs import SearchEnv, Task
 from mempo.envs.agent_format import AgentTags
 
-from .agent_loop import SamplingParams, _finish, turn_stop_ids
+from .agent_loop import SamplingParams, _finish, fits_reply, turn_stop_ids
 from .context_policy import ContextPolicy
 from .replay import memory_and_turn_end
 from .trajectory import Trajectory, TrajectorySegment
@@ -125,10 +125,10 @@ def run_rollout_vllm(
         for r, res in zip(ended, results):
             row = rows[r]
             _close_turn(row, tokenizer)
-            if res.done or len(row.traj) >= params.max_total_tokens:
+            info_ids = [] if res.done else tokenizer(res.information, add_special_tokens=False)["input_ids"]
+            if res.done or not fits_reply(row.traj, info_ids, params):
                 _finish(row, res, params)
                 continue
-            info_ids = tokenizer(res.information, add_special_tokens=False)["input_ids"]
             row.traj.information_texts[-1] = res.information
             if info_ids:
                 begin = len(row.traj)

@@ -122,14 +122,16 @@ def pack_trajectories(trajectories: list[Trajectory], probes: list[list[Probe]] 
     )
 
 
-def split_by_token_budget(trajectories: list[Trajectory], max_tokens: int) -> list[list[int]]:
-    """Greedy micro-batches of trajectory indices whose total length stays within
-    max_tokens (a longer trajectory goes alone). Order is kept, so batches are stable."""
+def split_by_token_budget(trajectories: list[Trajectory], max_tokens: int,
+                          probes: list[list] | None = None) -> list[list[int]]:
+    """Greedy micro-batches of trajectory indices whose total packed length (trajectory plus
+    its probes, when given) stays within max_tokens (a longer one goes alone). Order is kept,
+    so batches are stable."""
     if max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     batches, current, size = [], [], 0
     for i, traj in enumerate(trajectories):
-        n = len(traj)
+        n = len(traj) + (sum(len(p.token_ids) for p in probes[i]) if probes is not None else 0)
         if current and size + n > max_tokens:
             batches.append(current)
             current, size = [], 0

@@ -81,7 +81,8 @@ def _split_even(items: list[int], parts: int) -> list[list[int]]:
 def _collective_batches(trajs: list[Trajectory], ids: list[int], max_tokens: int, probes=None):
     """Packed micro-batches of trajs[ids], padded with FILLER so that every rank runs the
     same number of forwards (FSDP2's weight gathers are collective)."""
-    groups = split_by_token_budget([trajs[i] for i in ids], max_tokens) if ids else []
+    groups = split_by_token_budget([trajs[i] for i in ids], max_tokens,
+                                   None if probes is None else [probes[i] for i in ids]) if ids else []
     count = int(all_reduce_max(float(len(groups))))
     for k in range(count):
         if k >= len(groups):
