@@ -176,8 +176,9 @@ class RolloutConfig:
         "which earlier turns the agent stops seeing after writing a memory")
     context_k: int = _field(1, "turns kept besides the memory by keep_last_k")
     seed: int = _field(0, "sampling seed (offset by rank and step)")
-    tis_cap: float | None = _field(2.0, "engine=vllm: cap of the truncated importance weight pi_old / pi_vllm "
-                                        "per token (None = no reweighting; old log-probs are recomputed anyway)")
+    tis_cap: float | None = _field(2.0, "cap of the truncated importance weight pi_old / pi_rollout per token, "
+                                        "whenever old log-probs are recomputed (engine=vllm, or "
+                                        "algorithm.old_logprobs recompute); None = no reweighting")
     vllm_gpu_memory_utilization: float = _field(0.3, "engine=vllm: GPU memory fraction vLLM may take "
                                                      "(weights + KV cache), beside the trainer")
 
@@ -219,7 +220,13 @@ class AlgorithmConfig:
     scale_by_std: bool = _field(True, "divide advantages by the group std (False = Dr. GRPO)")
     ppo_epochs: int = _field(1, "passes over each rollout batch")
     mini_batches: int = _field(1, "optimizer steps per pass (the batch is split this many ways)")
-    micro_batch_tokens: int = _field(8192, "token budget of one packed micro-batch per rank")
+    micro_batch_tokens: int = _field(8192, "token budget of one packed micro-batch per rank (probes included)")
+    old_logprobs: Literal["auto", "rollout", "recompute"] = _field("auto",
+        "the old policy's log-probs: rollout = the native engine's sampling log-probs (exact in float32 by "
+        "the rollout == training invariant); recompute = the trainer's, in the probe forward it runs "
+        "anyway (no extra pass), tokens reweighted by min(pi_old / pi_rollout, rollout.tis_cap); auto = "
+        "rollout for the native engine in float32, recompute otherwise (bf16 kernels differ between a "
+        "decode step and the packed forward by up to ~0.1 in log-prob)")
 
     def validate(self) -> None:
         _require(0.0 <= self.clip_low < 1.0, "algorithm.clip_low", "in [0, 1)", self.clip_low)
@@ -345,6 +352,9 @@ class Config:
                 _require(all(not isinstance(x, float) or math.isfinite(x) for x in numbers),
                          f"{section.name}.{f.name}", "finite (no inf or nan)", value)
             values.validate()
+        _require(self.algorithm.old_logprobs != "rollout" or self.rollout.engine == "native",
+                 "algorithm.old_logprobs", "'auto' or 'recompute' with engine=vllm (its log-probs are not the "
+                 "trainer's; they are always recomputed)", self.algorithm.old_logprobs)
         if self.env.uses_files:
             _require(self.model.path is not None, "model.path",
                      "a local model directory when training on your own tasks (its tokenizer encodes them; "

@@ -90,7 +90,15 @@ def evaluate(policy, engine, side, cfg: Config) -> dict[str, float]:
     return out
 
 
-def rl_options(cfg: Config, stop_token_ids: tuple[int, ...]) -> RLStepOptions:
+def recompute_old_logprobs(cfg: Config, device: torch.device) -> bool:
+    """algorithm.old_logprobs resolved: the native engine's sampling log-probs are the old
+    policy's only in float32 (the invariant); in bf16 the trainer recomputes them."""
+    if cfg.algorithm.old_logprobs != "auto":
+        return cfg.algorithm.old_logprobs == "recompute"
+    return cfg.rollout.engine != "native" or compute_dtype(cfg.model.dtype, device) != torch.float32
+
+
+def rl_options(cfg: Config, stop_token_ids: tuple[int, ...], device: torch.device) -> RLStepOptions:
     return RLStepOptions(
         group_size=cfg.rollout.group_size,
         sampling=SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
@@ -102,6 +110,7 @@ def rl_options(cfg: Config, stop_token_ids: tuple[int, ...]) -> RLStepOptions:
         grad_clip=cfg.optimizer.grad_clip, ppo_epochs=cfg.algorithm.ppo_epochs,
         mini_batches=cfg.algorithm.mini_batches,
         tis_cap=cfg.rollout.tis_cap,
+        recompute_old_logprobs=recompute_old_logprobs(cfg, device),
         loss_options=dict(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
                           dual_clip=cfg.algorithm.dual_clip, kl_coef=cfg.algorithm.kl_coef,
                           kl_estimator=cfg.algorithm.kl_estimator, loss_agg=cfg.algorithm.loss_agg),
@@ -168,7 +177,7 @@ def run(cfg: Config, info) -> None:
     context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k)
     expert = [trajectory_from_turns(side.tokenizer, e.prompt, [(t.model, t.information) for t in e.turns], context)
               for e in side.expert_trajectories] if start < cfg.sft.steps else []
-    opts = rl_options(cfg, side.stop_token_ids)
+    opts = rl_options(cfg, side.stop_token_ids, info.device)
     rollout_engine = engine  # engine=vllm: a VLLMRollout, built at the first RL step
     ref_policy = None  # the frozen reference: the warm-started policy, only when kl_coef > 0
 

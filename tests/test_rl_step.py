@@ -131,3 +131,51 @@ def test_memory_advantage_reaches_the_update_linearly(monkeypatch):
     memory_part = d1 - d0
     assert memory_part.abs().max() > 1e-3 * d0.abs().max()
     torch.testing.assert_close(d3 - d0, 3.0 * memory_part, rtol=1e-3, atol=1e-6)
+
+
+def test_recompute_old_logprobs_with_the_native_engine(monkeypatch):
+    """algorithm.old_logprobs=recompute (the bf16 default): the native engine's log-probs are
+    replaced by the trainer's and tokens reweighted; in float32 they agree, so the weights are 1
+    and the update equals the exact path's."""
+    world, tok = tiny_world()
+    monkeypatch.setattr(rl_step_module, "run_rollout", _forced_rollout(world))
+    tasks = world.tasks("train", num_objectives=1)[:2]
+
+    def update(recompute):
+        model = tiny_model(len(tok), seed=7, init_std=0.02)
+        policy = FusedPolicy(model, attention="segment")
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1),
+                             micro_batch_tokens=400, grad_clip=0.0, recompute_old_logprobs=recompute)
+        before = [p.detach().clone() for p in model.parameters()]
+        metrics = rl_step(policy, NativeEngine(model, 2048), world.env(), tok, tasks, opts, opt, step=0)
+        return metrics, [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+    exact, exact_delta = update(False)
+    recomputed, recomputed_delta = update(True)
+    assert "tis/weight_mean" not in exact
+    assert recomputed["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert recomputed["rollout/logprob_gap"] < 1e-4  # float32: the invariant
+    for a, b in zip(exact_delta, recomputed_delta):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-7)
+
+
+def test_old_logprobs_auto_resolves_by_engine_and_dtype(monkeypatch):
+    from mempo.config import ConfigError, parse_args
+    from mempo.trainer import recompute_old_logprobs
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not recompute_old_logprobs(parse_args([]), cpu)  # native, float32
+    assert recompute_old_logprobs(parse_args([]), cuda)  # native, bf16 (auto dtype on CUDA)
+    assert recompute_old_logprobs(parse_args(["--model.dtype", "bfloat16"]), cpu)
+    assert not recompute_old_logprobs(parse_args(["--model.dtype", "bfloat16", "--algorithm.old_logprobs",
+                                                  "rollout"]), cpu)
+    assert recompute_old_logprobs(parse_args(["--algorithm.old_logprobs", "recompute"]), cpu)
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="algorithm.old_logprobs must be 'auto' or 'recompute' with engine=vllm"):
+        from mempo.config import Config
+        cfg = Config()
+        cfg.rollout.engine, cfg.algorithm.old_logprobs = "vllm", "rollout"
+        cfg.validate()

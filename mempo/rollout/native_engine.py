@@ -12,6 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from mempo.ops.lm_head_chunks import logits_chunk
+
 from .cached_attention import CacheWrite, register
 from .kv_cache import RolloutKVCache
 
@@ -76,8 +78,14 @@ class NativeEngine:
         return out.last_hidden_state
 
     def logits(self, hidden: Tensor) -> Tensor:
-        """[..., H] -> float32 logits [..., V]."""
-        return self.model.get_output_embeddings()(hidden).float()
+        """[..., H] -> float32 logits [..., V], through the trainer's own LM-head GEMM
+        (`logits_chunk`: bf16 x bf16 -> fp32 accumulators on CUDA), so sampling log-probs are
+        computed the way the training forward computes them, not from a bf16-rounded nn.Linear."""
+        weight = self.model.get_output_embeddings().weight
+        x = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+        out = torch.empty(x.shape[0], weight.shape[0], device=x.device,
+                          dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        return logits_chunk(x, weight, out).reshape(*hidden.shape[:-1], weight.shape[0])
 
     def evict(self, drops: dict[int, list[tuple[int, int]]]) -> None:
         """Drop trajectory-token ranges from the given rows' caches."""

@@ -5,10 +5,12 @@
     group-normalised advantages               -> traj_adv, mem_adv
     packed micro-batches (token budget)       -> fused loss, backward, optimizer step
 
-With the native engine the rollout's own sampling log-probs are the old policy's (the
-rollout == training invariant makes them exact), so nothing is recomputed. Another engine
-(`VLLMRollout`) samples from a slightly different distribution: then the probe forward also
-recomputes the old log-probs, and tokens are reweighted by truncated importance sampling
+With the native engine in float32 the rollout's own sampling log-probs are the old policy's
+(the rollout == training invariant makes them exact), so nothing is recomputed. In bf16 (a
+decode step and the packed forward round differently) or with another engine (`VLLMRollout`,
+which re-encodes kept context) the rollout samples from a slightly different distribution:
+then the probe forward also recomputes the old log-probs (opts.recompute_old_logprobs, or any
+engine but the native one), and tokens are reweighted by truncated importance sampling
 (opts.tis_cap). No reference model is involved unless kl_coef > 0 (`ref_policy` scores it).
 Normalisers are global (all micro-batches, all data-parallel ranks) so the gradient does
 not depend on how the batch was split.
@@ -48,7 +50,8 @@ class RLStepOptions:
     ppo_epochs: int = 1
     mini_batches: int = 1
     loss_options: dict = field(default_factory=dict)  # PolicyLossOptions fields
-    tis_cap: float | None = 2.0  # inexact engines only: cap of pi_old / pi_rollout (None = no reweighting)
+    tis_cap: float | None = 2.0  # when old log-probs are recomputed: cap of pi_old / pi_rollout (None = no reweighting)
+    recompute_old_logprobs: bool = False  # the native engine too (bf16); other engines always recompute
 
 
 def answer_cue_and_ids(tokenizer, task, tags) -> tuple[list[int], list[int]]:
@@ -109,8 +112,9 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
     group_tasks = [t for t in tasks for _ in range(opts.group_size)]
     group_index = [i for i in range(len(tasks)) for _ in range(opts.group_size)]
     params = SamplingParams(**{**opts.sampling.__dict__, "seed": opts.sampling.seed + 1000 * step + get_rank()})
-    exact = isinstance(engine, NativeEngine)
-    if exact:
+    native = isinstance(engine, NativeEngine)  # the trainer's own model, in process
+    exact = native and not opts.recompute_old_logprobs  # else: recompute the old log-probs, reweight tokens
+    if native:
         with full_weights(policy):
             trajs = run_rollout(engine, env, tokenizer, group_tasks, group_index, opts.context, params)
     else:
@@ -121,7 +125,7 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
     tags = env.config.tags
     probes = [build_probes(t, *answer_cue_and_ids(tokenizer, task, tags)) for t, task in zip(trajs, group_tasks)]
     temperature = opts.sampling.temperature or 1.0
-    mem_rewards, trainer_logprobs = [], {}  # the latter: old log-probs, inexact engines only
+    mem_rewards, trainer_logprobs = [], {}  # the latter: recomputed old log-probs (not exact)
     with torch.no_grad():
         for batch in _collective_batches(trajs, list(range(len(trajs))), opts.micro_batch_tokens, probes):
             if exact:
@@ -139,8 +143,8 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
     adv = batch_advantages(trajs, mem_rewards, by_step=opts.memory_adv_by_step, scale_by_std=opts.scale_by_std)
     t_score = time.perf_counter() - t0 - t_rollout
 
-    # update: ppo_epochs passes, each in mini_batches optimizer steps; the rollout log-probs
-    # are the old policy's exactly (rollout == training), so nothing is recomputed
+    # update: ppo_epochs passes, each in mini_batches optimizer steps; old log-probs are the
+    # rollout's (exact engine) or the trainer's recomputed ones (then tokens are reweighted)
     device = lm_head_weight(policy.lm).device
     traj_offsets = [0]
     for t in trajs:
