@@ -76,6 +76,9 @@ setup(
         "tokenizers",
         "safetensors",
         "bm25s",
+        # mempo.envs.retrieval_server; pure-Python wheels (h11, anyio, click), seconds to install
+        "starlette>=0.37",
+        "uvicorn>=0.30",
         "pyyaml",
         "rich",
         "tqdm",
