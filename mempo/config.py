@@ -176,9 +176,17 @@ class RolloutConfig:
         "which earlier turns the agent stops seeing after writing a memory")
     context_k: int = _field(1, "turns kept besides the memory by keep_last_k")
     seed: int = _field(0, "sampling seed (offset by rank and step)")
-    tis_cap: float | None = _field(2.0, "cap of the truncated importance weight pi_old / pi_rollout per token, "
-                                        "whenever old log-probs are recomputed (engine=vllm, or "
-                                        "algorithm.old_logprobs recompute); None = no reweighting")
+    tis_cap: float | None = _field(2.0, "upper bound of the importance weight pi_old / pi_rollout, whenever old "
+                                        "log-probs are recomputed (engine=vllm, or algorithm.old_logprobs "
+                                        "recompute): truncate takes min(w, cap), mask drops w > cap; None = no "
+                                        "reweighting")
+    tis_level: Literal["token", "turn", "sequence"] = _field("token",
+        "importance weight per token, per agent turn (the product over the turn's tokens, one weight for "
+        "the turn) or per sequence")
+    tis_mode: Literal["truncate", "mask"] = _field("truncate",
+        "truncate: min(w, tis_cap) (bounded variance, small bias); mask: weight 0 for the tokens, turns or "
+        "sequences with w outside [tis_low, tis_cap] (no truncation bias, less data)")
+    tis_low: float = _field(0.5, "lower bound of tis_mode=mask")
     vllm_gpu_memory_utilization: float = _field(0.3, "engine=vllm: GPU memory fraction vLLM may take "
                                                      "(weights + KV cache), beside the trainer")
 
@@ -192,6 +200,10 @@ class RolloutConfig:
                      "'native' when torchrun starts several ranks (engine=vllm runs in one trainer process)",
                      self.engine)
         _require(self.tis_cap is None or self.tis_cap > 0, "rollout.tis_cap", "> 0 or None", self.tis_cap)
+        _require(0 <= self.tis_low < (self.tis_cap or math.inf), "rollout.tis_low",
+                 f"in [0, rollout.tis_cap={self.tis_cap})", self.tis_low)
+        _require(self.tis_mode == "truncate" or self.tis_cap is not None, "rollout.tis_cap",
+                 "a number with tis_mode=mask (its upper bound)", self.tis_cap)
         _require(0.0 < self.vllm_gpu_memory_utilization < 1.0, "rollout.vllm_gpu_memory_utilization",
                  "in (0, 1)", self.vllm_gpu_memory_utilization)
         _require(self.group_size >= 2,

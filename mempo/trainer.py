@@ -31,6 +31,7 @@ from mempo.run_log import RunLogger
 from mempo.step_guard import NonFiniteStepGuard
 from mempo.training.fused_policy import FusedPolicy
 from mempo.training.inference_mode import full_weights, initialise_root
+from mempo.training.importance_sampling import RolloutCorrection
 from mempo.training.packed_batch import FILLER, pack_trajectories, split_by_token_budget
 from mempo.training.rl_step import RLStepOptions, evaluate_answers, rl_step
 from mempo.training.task_side import SetupError, build_task_side, live_query
@@ -109,7 +110,8 @@ def rl_options(cfg: Config, stop_token_ids: tuple[int, ...], device: torch.devic
         scale_by_std=cfg.algorithm.scale_by_std, micro_batch_tokens=cfg.algorithm.micro_batch_tokens,
         grad_clip=cfg.optimizer.grad_clip, ppo_epochs=cfg.algorithm.ppo_epochs,
         mini_batches=cfg.algorithm.mini_batches,
-        tis_cap=cfg.rollout.tis_cap,
+        correction=RolloutCorrection(cfg.rollout.tis_level, cfg.rollout.tis_mode, cfg.rollout.tis_cap,
+                                     cfg.rollout.tis_low),
         recompute_old_logprobs=recompute_old_logprobs(cfg, device),
         loss_options=dict(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
                           dual_clip=cfg.algorithm.dual_clip, kl_coef=cfg.algorithm.kl_coef,

@@ -46,3 +46,64 @@ def test_errors_name_the_argument():
         tis_weights(torch.zeros(3), torch.zeros(3), cap=0.0)
     with pytest.raises(ValueError, match="rollout_logprobs"):
         tis_weights(torch.zeros(3), torch.zeros(4))
+
+
+def _traj_with_turns():
+    """A trajectory: prompt (4), turn 1 memory (3) + action (2), information (3), turn 2 action (4)."""
+    from mempo.rollout import Trajectory, TrajectorySegment
+
+    traj = Trajectory(task_index=0, group_index=0, token_ids=list(range(16)))
+    traj.segments = [TrajectorySegment("prompt", 0, 0, 4), TrajectorySegment("memory", 1, 4, 7),
+                     TrajectorySegment("action", 1, 7, 9), TrajectorySegment("information", 1, 9, 12),
+                     TrajectorySegment("action", 2, 12, 16)]
+    traj.loss_mask = [False] * 4 + [True] * 5 + [False] * 3 + [True] * 4
+    return traj
+
+
+@pytest.mark.parametrize("level", ["token", "turn", "sequence"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_correction_levels_and_modes_against_float64(seed, level, mode):
+    from mempo.training.importance_sampling import RolloutCorrection, _units, correction_weights
+
+    traj = _traj_with_turns()
+    loss = torch.tensor(traj.loss_mask[1:])
+    units = _units(traj, level, loss)
+    expected_units = {"token": list(range(9)), "turn": [1] * 5 + [2] * 4, "sequence": [0] * 9}[level]
+    assert units.tolist() == expected_units
+    log_ratio = 0.3 * torch.randn(9, dtype=torch.float64)
+    corr = RolloutCorrection(level, mode, cap=1.5, low=0.7)
+    w, masked = correction_weights(log_ratio.float(), units, corr)
+    for u in set(expected_units):  # float64 reference, unit by unit
+        idx = [i for i, x in enumerate(expected_units) if x == u]
+        ratio = math.exp(float(log_ratio[idx].sum()))
+        if mode == "truncate":
+            want, drop = min(ratio, 1.5), False
+        else:
+            drop = not 0.7 <= ratio <= 1.5
+            want = 0.0 if drop else ratio
+        for i in idx:
+            assert float(w[i]) == pytest.approx(want, rel=1e-5, abs=1e-7) and bool(masked[i]) == drop
+    if level != "token":  # one weight for all tokens of a unit
+        for u in set(expected_units):
+            assert len({float(w[i]) for i, x in enumerate(expected_units) if x == u}) == 1
+
+
+def test_use_trainer_old_logprobs_turn_level_in_a_packed_batch():
+    from mempo.training.importance_sampling import RolloutCorrection, use_trainer_old_logprobs
+    from mempo.training.packed_batch import pack_trajectories
+
+    traj = _traj_with_turns()
+    traj.sample_logprobs = [0.0] * 16
+    batch = pack_trajectories([traj, traj])
+    trainer = torch.zeros(15)
+    trainer[3:5] = math.log(2.0) / 2  # turn 1 tokens 4, 5 (rows 3, 4): turn 1 ratio sqrt(2)^2 = 2
+    w, masked = use_trainer_old_logprobs(batch, [traj, traj], [trainer, trainer], RolloutCorrection("turn", cap=3.0))
+    first = w[:15]
+    loss = batch.loss_mask[:15]
+    assert torch.allclose(first[loss][:5], torch.full((5,), 2.0)) and torch.allclose(first[loss][5:], torch.ones(4))
+    assert (first[~loss] == 1).all() and not masked.any()
+    assert torch.equal(batch.old_logprobs[:15], trainer)  # the trainer's are the old policy now
+    with pytest.raises(ValueError, match="level must be one of"):
+        RolloutCorrection("step")
+    with pytest.raises(ValueError, match="low must be in"):
+        RolloutCorrection(mode="mask", cap=1.0, low=1.0)

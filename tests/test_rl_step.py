@@ -91,7 +91,7 @@ def test_inexact_engine_recomputes_old_logprobs_and_reweights_tokens(monkeypatch
         policy = FusedPolicy(model, attention="segment")
         opt = torch.optim.SGD(policy.parameters(), lr=0.1)
         opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1),
-                             micro_batch_tokens=400, grad_clip=0.0, tis_cap=2.0)
+                             micro_batch_tokens=400, grad_clip=0.0)
         before = [p.detach().clone() for p in model.parameters()]
         metrics = rl_step(policy, make_engine(model), world.env(), tok, tasks, opts, opt, step=0)
         return metrics, [p.detach() - b for p, b in zip(model.parameters(), before)]

@@ -11,7 +11,7 @@ decode step and the packed forward round differently) or with another engine (`V
 which re-encodes kept context) the rollout samples from a slightly different distribution:
 then the probe forward also recomputes the old log-probs (opts.recompute_old_logprobs, or any
 engine but the native one), and tokens are reweighted by truncated importance sampling
-(opts.tis_cap). No reference model is involved unless kl_coef > 0 (`ref_policy` scores it).
+(opts.correction: per token, turn or sequence; truncated or masked). No reference model is involved unless kl_coef > 0 (`ref_policy` scores it).
 Normalisers are global (all micro-batches, all data-parallel ranks) so the gradient does
 not depend on how the batch was split.
 """
@@ -30,7 +30,7 @@ from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, build_pro
 from mempo.rollout.trajectory import Trajectory
 
 from .fused_policy import FusedPolicy, micro_batch_advantages
-from .importance_sampling import trajectory_rows, use_trainer_old_logprobs
+from .importance_sampling import RolloutCorrection, trajectory_rows, use_trainer_old_logprobs
 from .inference_mode import full_weights
 from .mempo_advantages import batch_advantages
 from .packed_batch import FILLER, pack_trajectories, split_by_token_budget
@@ -50,7 +50,7 @@ class RLStepOptions:
     ppo_epochs: int = 1
     mini_batches: int = 1
     loss_options: dict = field(default_factory=dict)  # PolicyLossOptions fields
-    tis_cap: float | None = 2.0  # when old log-probs are recomputed: cap of pi_old / pi_rollout (None = no reweighting)
+    correction: RolloutCorrection = field(default_factory=RolloutCorrection)  # when old log-probs are recomputed
     recompute_old_logprobs: bool = False  # the native engine too (bf16); other engines always recompute
 
 
@@ -150,7 +150,7 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
     for t in trajs:
         traj_offsets.append(traj_offsets[-1] + len(t.memory_segments()))
     sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl_ref": 0.0, "tis_weight": 0.0,
-            "rollout_logprob_gap": 0.0}
+            "tis_masked": 0.0, "rollout_logprob_gap": 0.0, "rollout_kl": 0.0}
     grad_norms, skipped, updates = [], 0, 0
     order = list(range(len(trajs)))
     for _ in range(opts.ppo_epochs):
@@ -172,14 +172,19 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
                 ids = batch.trajectory_ids
                 mem_slice = torch.cat([adv.mem_adv[traj_offsets[i]:traj_offsets[i + 1]] for i in ids])
                 batch_adv = micro_batch_advantages(batch, adv.traj_adv[ids], mem_slice, opts.mem_coef, device)
-                if not exact:  # old = the trainer's log-probs; each token reweighted by min(pi_old/pi_rollout, cap)
+                if not exact:  # old = the trainer's log-probs; tokens reweighted by opts.correction
                     rollout_old = batch.old_logprobs.clone()
-                    tis = use_trainer_old_logprobs(batch, [trainer_logprobs[i] for i in ids], opts.tis_cap)
+                    tis, masked = use_trainer_old_logprobs(batch, [trajs[i] for i in ids],
+                                                           [trainer_logprobs[i] for i in ids], opts.correction)
                     batch_adv = token_advantages(batch_adv, torch.float32) * tis.to(device)
                     m = batch.loss_mask
-                    sums["tis_weight"] += float(tis[m].sum()) / max(1, global_tokens)
-                    sums["rollout_logprob_gap"] += float((batch.old_logprobs - rollout_old)[m].abs().sum()) / max(
-                        1, global_tokens)
+                    log_ratio = (batch.old_logprobs - rollout_old)[m].double()  # log pi_old - log pi_rollout
+                    share = 1.0 / max(1, global_tokens)
+                    sums["tis_weight"] += float(tis[m].sum()) * share
+                    sums["tis_masked"] += float(masked[m].sum()) * share
+                    sums["rollout_logprob_gap"] += float(log_ratio.abs().sum()) * share
+                    # KL(rollout || trainer) on the rollout's samples, k3: r - 1 - log r with r = pi_old / pi_rollout
+                    sums["rollout_kl"] += float((log_ratio.exp() - 1 - log_ratio).sum()) * share
                 ref = None
                 if opts.loss_options.get("kl_coef", 0.0):
                     ref = ref_policy(batch, mode="logprobs", temperature=temperature)
@@ -222,7 +227,9 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
         "kl_ref": all_reduce_sum(sums["kl_ref"]) / updates,
         "ratio/mean": all_reduce_sum(sums["ratio_mean"]) / updates,
         **({} if exact else {"tis/weight_mean": all_reduce_sum(sums["tis_weight"]) / updates,
-                             "rollout/logprob_gap": all_reduce_sum(sums["rollout_logprob_gap"]) / updates}),
+                             "tis/masked_fraction": all_reduce_sum(sums["tis_masked"]) / updates,
+                             "rollout/logprob_gap": all_reduce_sum(sums["rollout_logprob_gap"]) / updates,
+                             "rollout/kl": all_reduce_sum(sums["rollout_kl"]) / updates}),
         "grad_norm": statistics.mean(grad_norms),
         "skipped": float(skipped),
         "TT": mean([float(t.tokens_processed) for t in trajs]),
