@@ -21,7 +21,8 @@ METRICS_FILE = "metrics.jsonl"
 # The first five present in a step's metrics also go in the progress bar.
 SUMMARY_KEYS = (("reward/mean", "reward"), ("memory_reward/mean", "mem"), ("kl", "kl"),
                 ("clip_fraction", "clip"), ("tokens_per_s", "tok/s"), ("grad_norm", "gnorm"),
-                ("lr", "lr"), ("loss", "loss"), ("nll", "nll"))
+                ("lr", "lr"), ("loss", "loss"), ("nll", "nll"), ("memory/gold_recall", "gold in mem"),
+                ("rollout/kl", "rollout kl"))
 
 
 def _format(value: Any) -> str:

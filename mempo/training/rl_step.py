@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 import torch
 
 from mempo.ops.loss_inputs import token_advantages
-from mempo.distributed import all_reduce_max, all_reduce_sum, clip_grad_norm, get_rank
+from mempo.distributed import all_reduce_max, all_reduce_sum, all_reduce_sums, clip_grad_norm, get_rank
 from mempo.envs import score_answers
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, build_probes, run_rollout
 from mempo.rollout.trajectory import Trajectory
 
+from .diagnostics import DRIFT_KINDS, drift_by_kind, memory_stats
 from .fused_policy import FusedPolicy, micro_batch_advantages
 from .importance_sampling import RolloutCorrection, trajectory_rows, use_trainer_old_logprobs
 from .inference_mode import full_weights
@@ -210,6 +211,19 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
 
     rewards = [t.reward for t in trajs]
     em, f1 = evaluate_answers(trajs, group_tasks)
+    # diagnostics: what the memories hold; where rollout and trainer log-probs drift (one collective)
+    mem = memory_stats(trajs, group_tasks, tokenizer, tags)
+    totals = {f"memory/{k}": float(sum(v)) for k, v in mem.items()} | {"memory/count": float(len(mem["length"]))}
+    if not exact:
+        drift = drift_by_kind(trajs, [torch.tensor(trajs[i].sample_logprobs[1:]) for i in range(len(trajs))],
+                              [trainer_logprobs[i] for i in range(len(trajs))], tokenizer, tags)
+        totals |= {f"drift/{k}": s for k, (s, _) in drift.items()} | {f"drift_n/{k}": float(n) for k, (_, n) in
+                                                                         drift.items()}
+    totals = all_reduce_sums(totals)
+    diagnostics = {f"memory/{k}_mean" if k != "gold_recall" else "memory/gold_recall":
+                   totals[f"memory/{k}"] / max(1.0, totals["memory/count"]) for k in mem}
+    if not exact:
+        diagnostics |= {f"drift/{k}": totals[f"drift/{k}"] / max(1.0, totals[f"drift_n/{k}"]) for k in DRIFT_KINDS}
     # float() on both sides: ranks must pass the same dtype to the collective (an empty list sums to int 0)
     mean = lambda xs: all_reduce_sum(float(sum(xs))) / max(1.0, all_reduce_sum(float(len(xs))))  # noqa: E731
     tokens = all_reduce_sum(float(sum(t.tokens_processed for t in trajs)))
@@ -230,6 +244,7 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
                              "tis/masked_fraction": all_reduce_sum(sums["tis_masked"]) / updates,
                              "rollout/logprob_gap": all_reduce_sum(sums["rollout_logprob_gap"]) / updates,
                              "rollout/kl": all_reduce_sum(sums["rollout_kl"]) / updates}),
+        **diagnostics,
         "grad_norm": statistics.mean(grad_norms),
         "skipped": float(skipped),
         "TT": mean([float(t.tokens_processed) for t in trajs]),
