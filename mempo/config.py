@@ -175,6 +175,10 @@ class RolloutConfig:
     context_policy: Literal["mempo", "keep_all", "keep_last_k"] = _field("mempo",
         "which earlier turns the agent stops seeing after writing a memory")
     context_k: int = _field(1, "turns kept besides the memory by keep_last_k")
+    context_mode: Literal["evict", "reencode"] = _field("evict",
+        "after a drop: evict keeps the kept tokens' KV as written (original positions; the native engine "
+        "only); reencode re-encodes the kept context at contiguous positions after the prompt, as vLLM and "
+        "SGLang do (then engine=vllm matches the trainer too); both train in one packed pass")
     seed: int = _field(0, "sampling seed (offset by rank and step)")
     tis_cap: float | None = _field(2.0, "upper bound of the importance weight pi_old / pi_rollout, whenever old "
                                         "log-probs are recomputed (engine=vllm, or algorithm.old_logprobs "

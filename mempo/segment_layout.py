@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SEGMENT_KINDS = ("prompt", "memory", "think", "action", "tool_call", "information", "answer", "probe")
+# "context": a re-encoded copy of kept context (rollout.context_mode=reencode), no loss on it
+SEGMENT_KINDS = ("prompt", "memory", "think", "action", "tool_call", "information", "answer", "probe", "context")
 BITS_PER_WORD = 32  # visible_bits words are int32 (bit 31 stored in the sign bit)
 
 

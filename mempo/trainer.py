@@ -76,7 +76,7 @@ def evaluate(policy, engine, side, cfg: Config) -> dict[str, float]:
     out = {}
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
                             max_total_tokens=cfg.rollout.max_total_tokens, stop_token_ids=side.stop_token_ids)
-    context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k)
+    context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k, cfg.rollout.context_mode)
     for n, tasks in side.eval_sets.items():
         mine = shard_for_rank(tasks)
         with full_weights(policy), torch.no_grad():
@@ -105,7 +105,7 @@ def rl_options(cfg: Config, stop_token_ids: tuple[int, ...], device: torch.devic
         sampling=SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
                                 cfg.rollout.max_new_tokens, cfg.rollout.max_total_tokens, cfg.rollout.seed,
                                 stop_token_ids),
-        context=ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k),
+        context=ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k, cfg.rollout.context_mode),
         mem_coef=cfg.algorithm.mem_coef, memory_adv_by_step=cfg.algorithm.memory_grouping == "step",
         scale_by_std=cfg.algorithm.scale_by_std, micro_batch_tokens=cfg.algorithm.micro_batch_tokens,
         grad_clip=cfg.optimizer.grad_clip, ppo_epochs=cfg.algorithm.ppo_epochs,
@@ -176,7 +176,7 @@ def run(cfg: Config, info) -> None:
                         keep_last=cfg.trainer.keep_checkpoints)
 
     engine = NativeEngine(model, cfg.rollout.max_total_tokens)
-    context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k)
+    context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k, cfg.rollout.context_mode)
     expert = [trajectory_from_turns(side.tokenizer, e.prompt, [(t.model, t.information) for t in e.turns], context)
               for e in side.expert_trajectories] if start < cfg.sft.steps else []
     opts = rl_options(cfg, side.stop_token_ids, info.device)

@@ -151,3 +151,52 @@ def test_tool_reply_that_would_overflow_max_total_tokens_ends_the_row():
     (traj,) = run_rollout(NativeEngine(tiny_model(len(tok)), limit), world.env(), tok, [task], [0], ContextPolicy(),
                           params, forced_turns=[[expert.turns[0].model]])
     assert traj.finish_reason == "max_tokens" and len(traj) <= limit and traj.reward == 0.0
+
+
+@pytest.mark.parametrize("policy", [ContextPolicy("mempo", mode="reencode"), ContextPolicy("keep_last_k", 1, "reencode")])
+def test_reencode_mode_rollout_equals_replay_and_training(policy):
+    """context_mode=reencode: after a drop the kept context is re-encoded after the prompt (as
+    vLLM computes it); the record (context copies, positions) replays from text, and the
+    trainer's one packed forward reproduces every sampled log-prob."""
+    world, tok, model, experts, trajs = _expert_rollout(policy=policy, seed=1)
+    _, _, _, _, evicted = _expert_rollout(policy=ContextPolicy(policy.name, policy.k), seed=1)
+    for traj, expert, ev in zip(trajs, experts, evicted):
+        replay = trajectory_from_turns(tok, expert.prompt, [(t.model, t.information) for t in expert.turns], policy)
+        assert traj.token_ids == replay.token_ids and _segments(traj) == _segments(replay)
+        assert traj.position_ids == replay.position_ids
+        copies = [s for s in traj.segments if s.kind == "context"]
+        assert copies and traj.reward == 1.0
+        prompt_len = traj.segments[0].end
+        first_copy = copies[0]
+        assert traj.position_ids[first_copy.start] == prompt_len  # re-encoded right after the prompt
+        assert traj.loss_mask.count(True) == ev.loss_mask.count(True)  # copies carry no loss
+        mask = torch.tensor(traj.loss_mask[1:])
+        recorded = torch.tensor(traj.sample_logprobs[1:])
+        batch = pack_trajectories([traj])
+        with torch.no_grad():
+            trainer = linear_logprobs(packed_hidden(model, batch, "segment"), model.lm_head.weight, batch.targets)[:-1]
+        assert (trainer[mask] - recorded[mask]).abs().max() <= 1e-4
+        # the model's tokens are the same as with eviction, their log-probs are not (other context)
+        assert [t for t, m in zip(traj.token_ids, traj.loss_mask) if m] == \
+            [t for t, m in zip(ev.token_ids, ev.loss_mask) if m]
+        ev_logp = torch.tensor([lp for lp, m in zip(ev.sample_logprobs, ev.loss_mask) if m])
+        re_logp = torch.tensor([lp for lp, m in zip(traj.sample_logprobs, traj.loss_mask) if m])
+        assert (ev_logp - re_logp).abs().max() > 1e-3
+
+
+def test_reencode_sampled_turns_after_drops_keep_the_invariant():
+    world, tok = tiny_world()
+    tasks = [t for t in world.tasks("train", num_objectives=1) if t.questions[0].startswith("Where was the mentor")][:2]
+    experts = world.expert_trajectories(tasks)
+    model = tiny_model(len(tok), seed=4)
+    policy = ContextPolicy("mempo", mode="reencode")
+    trajs = run_rollout(NativeEngine(model, 2048), world.env(), tok, tasks, [0, 1], policy,
+                        SamplingParams(temperature=1.0, max_new_tokens=16, seed=5),
+                        forced_turns=[[t.model for t in e.turns[:2]] for e in experts])
+    for traj in trajs:
+        assert any(s.kind == "context" for s in traj.segments)
+        mask = torch.tensor(traj.loss_mask[1:])
+        batch = pack_trajectories([traj])
+        with torch.no_grad():
+            trainer = linear_logprobs(packed_hidden(model, batch, "segment"), model.lm_head.weight, batch.targets)[:-1]
+        assert (trainer[mask] - torch.tensor(traj.sample_logprobs[1:])[mask]).abs().max() <= 1e-4

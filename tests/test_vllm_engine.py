@@ -89,6 +89,33 @@ def test_forced_mempo_rollout_same_record_and_logprobs_until_first_drop(served):
     assert abs(after_native["mean_abs"] - after_trainer["mean_abs"]) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["mempo", "keep_last_k"])
+def test_reencode_mode_vllm_matches_the_trainer(served, name):
+    """context_mode=reencode: the record says what vLLM computes (the kept context re-encoded
+    after the prompt), so vLLM, the native engine and the trainer's packed forward agree."""
+    from mempo.ops import linear_logprobs
+    from mempo.training.packed_batch import pack_trajectories
+    from mempo.training.policy_forward import packed_hidden
+
+    world, tok, model, _ = served
+    policy = ContextPolicy(name, 1, "reencode")
+    experts, vtrajs, ntrajs = _vllm_and_native(served, policy)
+    trainer = []
+    for v, n, expert in zip(vtrajs, ntrajs, experts):
+        replay = trajectory_from_turns(tok, expert.prompt, [(t.model, t.information) for t in expert.turns], policy)
+        assert v.token_ids == n.token_ids == replay.token_ids
+        assert _segments(v) == _segments(n) == _segments(replay) and v.position_ids == replay.position_ids
+        assert any(s.kind == "context" for s in v.segments)
+        batch = pack_trajectories([v])
+        with torch.no_grad():
+            trainer.append(linear_logprobs(packed_hidden(model, batch, "segment"), model.lm_head.weight,
+                                           batch.targets)[:-1])
+    vs_trainer = logprob_mismatch(vtrajs, trainer)
+    vs_native = logprob_mismatch(vtrajs, [torch.tensor(t.sample_logprobs[1:]) for t in ntrajs])
+    print(f"\nreencode {name}: vLLM vs trainer {vs_trainer}; vLLM vs native {vs_native}")
+    assert vs_trainer["tokens"] > 0 and vs_trainer["max_abs"] <= 1e-4 and vs_native["max_abs"] <= 1e-4
+
+
 def test_forced_keep_all_has_no_mismatch(served):
     """Without drops vLLM's context is the whole trajectory at its own positions: exact."""
     _, _, model, _ = served

@@ -6,8 +6,11 @@ it), and right after that forward the policy's dropped segments are evicted from
 row's KV cache, so every later token sees only the prompt, the new memory and what
 follows. A turn ends at `</search>` / `</answer>`, EOS or another stop token id, or the per-turn limit; the tool runs
 for all rows that searched at once and its `<information>` is fed with the last token.
-The `Trajectory` records exactly this (segments with `dropped_at`), which is what the
-trainer's single packed forward replays.
+With context_mode=reencode the kept context (prompt aside) is evicted as well and a copy of
+it is fed at contiguous positions after the prompt before the turn goes on (the token
+sampled from the old context is discarded), as an engine that re-submits the context does.
+The `Trajectory` records exactly this (segments with `dropped_at`, "context" copies,
+positions), which is what the trainer's single packed forward replays.
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ class _Row:
     turn_tokens: list[int] | None = None
     mem_closed: bool = False
     evict_after_feed: bool = False
+    reencode_from: int | None = None  # context_mode=reencode: first token of the copy still to feed
     next_token: int | None = None
     forced: list[list[int]] | None = None  # teacher-forced turns (token ids), tests/replay
     done: bool = False
@@ -96,7 +100,8 @@ def run_rollout(
     starts = {r: 0 for r in live}
 
     while live:
-        hidden = engine.feed(live, [chunks[r] for r in live], [starts[r] for r in live])
+        hidden = engine.feed(live, [chunks[r] for r in live], [starts[r] for r in live],
+                             [rows[r].traj.position_of(starts[r]) for r in live])
         last = torch.tensor([len(chunks[r]) - 1 for r in live], device=hidden.device)
         logits = engine.logits(hidden[torch.arange(len(live), device=hidden.device), last])
         _evict_closed_memories(engine, rows, live, policy)
@@ -104,6 +109,8 @@ def run_rollout(
         ended = []
         for r, tok, lp in zip(live, tokens, logps):
             row = rows[r]
+            if row.reencode_from is not None:  # sampled from the old context: the copy is fed first
+                continue
             if row.turn_tokens is None:
                 row.step += 1
                 row.turn_start = len(row.traj)
@@ -127,6 +134,10 @@ def run_rollout(
         for r in live:
             row = rows[r]
             info_ids: list[int] = []
+            if row.reencode_from is not None:  # context_mode=reencode: feed the kept context's copy
+                starts[r], chunks[r] = row.reencode_from, row.traj.token_ids[row.reencode_from:]
+                row.reencode_from = None
+                continue
             if r in ended:
                 res = results[ended.index(r)]
                 _close_turn(row, tokenizer)
@@ -216,7 +227,11 @@ def _evict_closed_memories(engine: NativeEngine, rows, live, policy: ContextPoli
             continue
         row.evict_after_feed = False
         # len(traj): the first token that will not see them
-        ranges = row.traj.drop_steps(policy.dropped_steps(row.step), len(row.traj))
+        at = len(row.traj)
+        ranges = row.traj.drop_steps(policy.dropped_steps(row.step), at)
+        if ranges and policy.mode == "reencode":  # the kept context goes too; its copy is fed next
+            ranges += row.traj.reencode_kept(at)
+            row.reencode_from = at
         if ranges:
             drops[r] = ranges
     engine.evict(drops)

@@ -54,10 +54,11 @@ class NativeEngine:
         self.tokens_fed = 0
 
     @torch.no_grad()
-    def feed(self, rows: list[int], chunks: list[list[int]], first_index: list[int]) -> Tensor:
+    def feed(self, rows: list[int], chunks: list[list[int]], first_index: list[int],
+             first_position: list[int] | None = None) -> Tensor:
         """Run the model on `chunks[i]` (trajectory tokens first_index[i]..) for cache row
-        rows[i]. Returns hidden states [b, n, H] (final norm applied; row i valid up to
-        len(chunks[i]))."""
+        rows[i], at rotary positions first_position[i].. (default: the token indices).
+        Returns hidden states [b, n, H] (final norm applied; row i valid up to len(chunks[i]))."""
         assert self.cache is not None, "call begin() first"
         counts = [len(c) for c in chunks]
         if min(counts) <= 0:
@@ -66,7 +67,7 @@ class NativeEngine:
         n = max(counts)
         ids = torch.zeros(len(rows), n, dtype=torch.long)
         pos = torch.zeros(len(rows), n, dtype=torch.long)
-        for i, (chunk, f) in enumerate(zip(chunks, first_index)):
+        for i, (chunk, f) in enumerate(zip(chunks, first_index if first_position is None else first_position)):
             ids[i, : len(chunk)] = torch.tensor(chunk)
             pos[i] = torch.arange(f, f + n).clamp(max=f + len(chunk) - 1)
         write = CacheWrite.build(self.cache, rows, first_slots, counts)

@@ -47,15 +47,14 @@ def trajectory_from_turns(
         turn_ids = tokenizer(model_text, add_special_tokens=False)["input_ids"]
         mem_end, turn_len = memory_and_turn_end(tokenizer, turn_ids, tags)
         start = len(traj)
-        _append(traj, turn_ids[:turn_len], loss=True)
-        action_start = start
+        cut = mem_end if mem_end is not None else turn_len
+        _append(traj, turn_ids[:cut], loss=True)
         if mem_end is not None:
             traj.segments.append(TrajectorySegment("memory", step, start, start + mem_end))
-            action_start = start + mem_end
-            dropped = set(policy.dropped_steps(step))
-            for seg in traj.segments:
-                if seg.step in dropped and seg.dropped_at is None:
-                    seg.dropped_at = start + mem_end
+            if traj.drop_steps(policy.dropped_steps(step), len(traj)) and policy.mode == "reencode":
+                traj.reencode_kept(len(traj))  # the copy comes before the rest of the turn
+        action_start = len(traj)
+        _append(traj, turn_ids[cut:turn_len], loss=True)
         if len(traj) > action_start:
             traj.segments.append(TrajectorySegment("action", step, action_start, len(traj)))
         traj.turn_texts.append(tokenizer.decode(turn_ids[:turn_len]))

@@ -1,15 +1,17 @@
 """What a rollout records: tokens, segments with their drop times, sampling log-probs.
 
-Token order is generation order and every token's position id is its index in the
-trajectory (the rollout never re-uses a position, eviction keeps the positions keys were
-written with). A segment's `dropped_at` is the index of the first token that no longer
+Token order is generation order. With context_mode=evict every token's position id is its
+index in the trajectory (eviction keeps the positions keys were written with); with
+context_mode=reencode, a drop appends a "context" copy of what is kept, re-encoded at
+contiguous positions right after the prompt, and later tokens continue from there
+(`position_breaks`). A segment's `dropped_at` is the index of the first token that no longer
 sees it (None: never dropped); visibility for training follows from exactly this record.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SEGMENT_KINDS = ("prompt", "memory", "action", "information", "probe")
+from mempo.segment_layout import SEGMENT_KINDS
 
 
 @dataclass
@@ -44,13 +46,43 @@ class Trajectory:
     score: float = 0.0
     tokens_processed: int = 0  # TT: tokens that went through the model
     peak_context: int = 0  # PT: the largest context (live KV) the model attended to
+    # (token index, its position): positions rise by one per token from each break on
+    position_breaks: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     @property
     def position_ids(self) -> list[int]:
-        return list(range(len(self.token_ids)))
+        out, breaks = [], self.position_breaks + [(len(self), None)]
+        for (t0, p0), (t1, _) in zip(breaks[:-1], breaks[1:]):
+            out += range(p0, p0 + t1 - t0)
+        return out
+
+    def position_of(self, index: int) -> int:
+        """The rotary position of token `index` (may be len(self): the next token's)."""
+        t0, p0 = max(b for b in self.position_breaks if b[0] <= index)
+        return p0 + index - t0
+
+    def reencode_kept(self, at: int) -> list[tuple[int, int]]:
+        """context_mode=reencode, after a drop at token `at` (== len(self)): every live segment
+        but the prompt is dropped too and appended again as a "context" copy (no loss), at
+        contiguous positions right after the prompt, as an engine that re-submits the kept
+        context as a fresh prompt (vLLM, SGLang) computes it. -> the original ranges, whose
+        KV must go."""
+        assert at == len(self), "re-encode right after the drop"
+        prompt = self.segments[0]
+        kept = [s for s in self.segments if s.dropped_at is None and s.kind != "prompt"]
+        for seg in kept:
+            seg.dropped_at = at
+        self.position_breaks.append((at, self.position_of(prompt.end - 1) + 1))
+        for seg in kept:
+            begin = len(self)
+            self.token_ids += self.token_ids[seg.start:seg.end]
+            self.sample_logprobs += [0.0] * (seg.end - seg.start)
+            self.loss_mask += [False] * (seg.end - seg.start)
+            self.segments.append(TrajectorySegment("context", seg.step, begin, len(self)))
+        return [(s.start, s.end) for s in kept]
 
     def drop_steps(self, steps, at: int) -> list[tuple[int, int]]:
         """Mark the live segments of `steps` dropped from token `at` on (the context policy's
@@ -64,8 +96,8 @@ class Trajectory:
         return ranges
 
     def close_turn(self, step: int, turn_start: int, mem_closed: bool, text: str) -> None:
-        """Record a finished turn: its action segment (the tokens after its memory, if any)
-        and its text; the tool's reply, if any, is filled in later."""
+        """Record a finished turn: its action segment (the tokens after its memory and any
+        re-encoded context copies) and its text; the tool's reply, if any, is filled in later."""
         action_start = self.segments[-1].end if mem_closed else turn_start
         if len(self) > action_start:
             self.segments.append(TrajectorySegment("action", step, action_start, len(self)))

@@ -7,7 +7,9 @@ dropped (their `dropped_at` = the token after the memory, exactly as in the nati
 phase 2 re-submits the smaller context (prompt + the new memory for "mempo") and continues
 the turn to `</search>` / `</answer>`. Token boundaries are re-derived from the token ids
 with `memory_and_turn_end` (tokens vLLM returned past a boundary are discarded), so
-`trajectory_from_turns` replays the record. Teacher-forced turns are scored with
+`trajectory_from_turns` replays the record. vLLM always re-encodes the kept context; with
+context_mode=reencode the record says so (context copies at contiguous positions), so the
+trainer's packed forward reproduces vLLM's log-probs; with evict it cannot (tokens reweighted). Teacher-forced turns are scored with
 `prompt_logprobs` on the same contexts (such requests skip the prefix cache in vLLM).
 """
 from __future__ import annotations
@@ -155,7 +157,8 @@ def _take(row: _Row, new_ids, new_lps, tokenizer, tags, policy, params, stop_ids
         row.mem_closed = True
         end = row.turn_start + mem_end
         row.traj.segments.append(TrajectorySegment("memory", row.step, row.turn_start, end))
-        row.traj.drop_steps(policy.dropped_steps(row.step), end)
+        if row.traj.drop_steps(policy.dropped_steps(row.step), end) and policy.mode == "reencode":
+            row.traj.reencode_kept(end)  # what vLLM computes from here on: the kept context re-submitted
     text = tokenizer.decode(row.turn_ids)
     if any(s in text for s in tags.action_stops) or (row.turn_ids and row.turn_ids[-1] in stop_ids):
         return True

@@ -82,7 +82,7 @@ def pack_trajectories(trajectories: list[Trajectory], probes: list[list[Probe]] 
             for t in range(mem.start, mem.end):
                 memory_of_token[t] = memory_base + m
         ids += traj.token_ids
-        pos += list(range(n))
+        pos += traj.position_ids
         targets += traj.token_ids[1:] + [0]
         loss += traj.loss_mask[1:] + [False]
         old += traj.sample_logprobs[1:] + [0.0]

@@ -124,7 +124,9 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
 
     # memory rewards: probes of every trajectory, scored without gradient
     tags = env.config.tags
-    probes = [build_probes(t, *answer_cue_and_ids(tokenizer, task, tags)) for t, task in zip(trajs, group_tasks)]
+    reencode = opts.context.mode == "reencode"
+    probes = [build_probes(t, *answer_cue_and_ids(tokenizer, task, tags), reencode=reencode)
+              for t, task in zip(trajs, group_tasks)]
     temperature = opts.sampling.temperature or 1.0
     mem_rewards, trainer_logprobs = [], {}  # the latter: recomputed old log-probs (not exact)
     with torch.no_grad():
