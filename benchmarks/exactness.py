@@ -4,6 +4,11 @@ what algorithm.old_logprobs=auto recomputes away in bf16.
 
     python benchmarks/exactness.py [--tasks 8] [--objectives 2] [--device cpu]
 
+A second table: with rollout.context_mode=reencode, the training work of mempo's one-pass
+layout (every token once, context copies included) against re-prefilling each kept context
+as its own sample (MemAgent / verl multi-trajectory / SkyRL / MEM1 style), on expert
+trajectories: tokens through the model (~ linear-layer FLOPs) and visible attention pairs.
+
 Expert turns are teacher-forced through the real agent loop (memories close, context drops,
 KV is evicted), on a random-init Qwen2 of the default run's size; the training side is the
 trainer's own packed forward (segment attention) and fused log-probs. |delta| is over the
@@ -72,6 +77,39 @@ def main() -> None:
         import copy
         mean, mx, after, n = measure(copy.deepcopy(base), world, tok, tasks, experts, dtype, args.device)
         print(f"{str(dtype).removeprefix('torch.'):<10}{n:>8}{mean:>12.2e}{mx:>12.2e}{after:>26.2e}  {resolved:>30}")
+    reencode_work(world, tok, [2, 4, 10], 16)
+
+
+def reencode_work(world, tok, objectives: list[int], tasks_per_count: int) -> None:
+    """One-pass vs per-context samples, on the reencode records of expert trajectories."""
+    from mempo.rollout import trajectory_from_turns
+    from mempo.segment_layout import SegmentLayout
+
+    import dataclasses
+
+    from mempo.envs import SearchEnv
+
+    policy = ContextPolicy("mempo", mode="reencode")
+    env = SearchEnv(world.search_tool, dataclasses.replace(world.config.env, max_turns=64))
+    print(f"\ncontext_mode=reencode, context policy mempo, expert trajectories ({tasks_per_count} tasks per count)")
+    print(f"{'objectives':>10}{'one-pass tokens':>17}{'per-sample tokens':>19}{'saved':>8}"
+          f"{'one-pass pairs':>16}{'per-sample pairs':>18}{'saved':>8}")
+    for n in objectives:
+        one_tok = sample_tok = one_pairs = sample_pairs = 0
+        for e in world.expert_trajectories(world.tasks("train", n)[:tasks_per_count], env):
+            traj = trajectory_from_turns(tok, e.prompt, [(t.model, t.information) for t in e.turns], policy)
+            prompt = traj.segments[0].end
+            # samples start where a re-encode starts (the first of a run of context copies)
+            cuts = [s.start for i, s in enumerate(traj.segments)
+                    if s.kind == "context" and traj.segments[i - 1].kind != "context"]
+            bounds = [prompt] + cuts + [len(traj)]
+            sizes = [bounds[0] + bounds[1] - bounds[0]] + [prompt + b - a for a, b in zip(bounds[1:-1], bounds[2:])]
+            sample_tok += sum(sizes)
+            sample_pairs += sum(k * (k + 1) // 2 for k in sizes)
+            one_tok += len(traj)
+            one_pairs += int(SegmentLayout.from_segments([traj.segments], [traj.position_ids]).dense_mask().sum())
+        print(f"{n:>10}{one_tok:>17}{sample_tok:>19}{1 - one_tok / sample_tok:>8.1%}"
+              f"{one_pairs:>16}{sample_pairs:>18}{1 - one_pairs / sample_pairs:>8.1%}")
 
 
 if __name__ == "__main__":
