@@ -1,12 +1,24 @@
-"""Segment attention benchmark: mempo vs FlexAttention vs dense-mask SDPA vs causal SDPA.
+"""Segment attention benchmark: mempo vs FlexAttention vs per-sequence causal vs dense-mask SDPA.
 
 MemPO-like packed batch: trajectories of a 512-token prompt and 8-16 turns (think,
 information, memory); every turn sees the prompt, the previous memory and its own
-segments. Prints a table (device, shapes, dtype, density, mask build time, fwd and
-fwd+bwd times, ratio to mempo) and optionally writes --json.
+segments. Prints a table (device, shapes, dtype, threads, density, mask build time, fwd and
+fwd+bwd times, ratio to mempo, (q, k) pairs) and optionally writes --json.
 
     python benchmarks/attention.py                 # CPU, small shape, torch fallback
     python benchmarks/attention.py --device cuda   # headline: 16k tokens, 32 heads, dim 128, bf16
+
+Rows:
+  mempo             segment visibility from the layout (Triton kernel on CUDA, per-sequence
+                    masked SDPA on the CPU)
+  flex_attention    torch's FlexAttention, block mask built from the same layout
+  causal varlen     plain causal attention within each packed sequence: flash-attn's
+                    flash_attn_varlen_func on CUDA when importable, else SDPA per sequence.
+                    It is not MemPO's mask (it also sees dropped segments): the cost of the
+                    standard packed-causal kernel a trainer without segment masks would run.
+  sdpa dense mask   SDPA with the [L, L] boolean mask of the layout (computes all L^2 pairs)
+"pairs": the (q, k) pairs each method evaluates: mempo and flex those its mask keeps,
+causal varlen each sequence's causal triangle, dense SDPA all L^2 (it masks after computing).
 """
 from __future__ import annotations
 
@@ -55,8 +67,9 @@ def batch_trajectories(rng: np.random.Generator, total: int, per_trajectory: int
     return trajs
 
 
-def mask_density(layout: SegmentLayout) -> float:
-    """visible (q, k) pairs / causal pairs, per sequence at segment granularity (no L x L)."""
+def visible_pairs(layout: SegmentLayout) -> tuple[int, int]:
+    """(visible (q, k) pairs, causal pairs within the sequences), counted at segment
+    granularity (no L x L)."""
     vis = layout.visible_segments().cpu().numpy()
     bounds = layout.segment_bounds.cpu().numpy().astype(np.int64)
     base = layout.segment_base.cpu().numpy()
@@ -68,7 +81,34 @@ def mask_density(layout: SegmentLayout) -> float:
         visible += int(n[a] * n[earlier][vis[a, earlier - b0]].sum() + n[a] * (n[a] + 1) // 2)
     cu = layout.cu_seqlens.cpu().numpy().astype(np.int64)
     lengths = np.diff(cu)
-    return visible / float((lengths * (lengths + 1) // 2).sum())
+    return visible, int((lengths * (lengths + 1) // 2).sum())
+
+
+def causal_varlen_method(layout: SegmentLayout, hq: int, hkv: int, device: str, dtype: torch.dtype):
+    """-> (name, attention fn on [L, H, D]): causal attention within each packed sequence.
+    flash-attn's varlen kernel (one launch for all sequences) where it can run, else one
+    SDPA call per sequence (the flash / efficient SDPA backends on CUDA)."""
+    cu = layout.cu_seqlens.to(device=device, dtype=torch.int32)
+    bounds = layout.cu_seqlens.tolist()  # host copy, read once here
+    max_len = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if device == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            pass
+        else:
+            def varlen(q, k, v):  # GQA natively: k, v with hkv heads
+                return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+            return "causal varlen (flash-attn)", varlen
+
+    def per_sequence(q, k, v):
+        outs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                               v[a:b].transpose(0, 1), is_causal=True, enable_gqa=hq != hkv)
+            outs.append(o.transpose(0, 1))
+        return torch.cat(outs)
+    return "causal varlen (sdpa per sequence)", per_sequence
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -138,20 +178,20 @@ def flex_method(layout: SegmentLayout, hq: int, hkv: int, device: str):
         return f"FlexAttention failed on {device}: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--tokens", type=int, default=None, help="packed tokens (default: cuda 16384, cpu 4096)")
+    p.add_argument("--tokens", type=int, default=None, help="packed tokens (default: cuda 16384, cpu 2048)")
     p.add_argument("--trajectory-tokens", type=int, default=None, help="(default: cuda 4096, cpu 1024)")
-    p.add_argument("--heads", type=int, default=None, help="query heads (default: cuda 32, cpu 8)")
+    p.add_argument("--heads", type=int, default=None, help="query heads (default: cuda 32, cpu 4)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: = heads)")
     p.add_argument("--dim", type=int, default=None, help="head dim (default: cuda 128, cpu 64)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per method (default: cuda 10, cpu 2)")
     p.add_argument("--skip-flex", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the numbers to this path")
-    a = p.parse_args()
+    p.add_argument("--json", default=None, help="write the numbers to this path (rewritten after each row)")
+    a = p.parse_args(argv)
     cuda = a.device == "cuda"
     tokens = a.tokens or (16384 if cuda else 2048)
     hq = a.heads or (32 if cuda else 4)
@@ -181,8 +221,10 @@ def main() -> None:
         sequence_masks(layout)
         build_masks = time.perf_counter() - t
     L = layout.num_tokens
-    density = mask_density(layout)
-    print(f"device={torch.cuda.get_device_name() if cuda else 'cpu'} tokens={L} trajectories={len(trajs)} "
+    visible, causal = visible_pairs(layout)
+    density = visible / causal
+    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device={device_name} torch {torch.__version__} tokens={L} trajectories={len(trajs)} "
           f"heads={hq}/{hkv} dim={dim} dtype={str(dtype).removeprefix('torch.')}")
     print(f"mask density {density:.3f} (tiles {blocks.density:.3f} at {GPU_BLOCKS[0]}x{GPU_BLOCKS[1]}); "
           f"layout build {build_layout * 1e3:.3f} ms ({build_layout / len(trajs) * 1e6:.0f} us/trajectory), "
@@ -196,47 +238,63 @@ def main() -> None:
     dense = layout.dense_mask()
     build_dense = time.perf_counter() - t
 
-    def sdpa(mask):
-        def attend(q, k, v):
-            o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                               attn_mask=mask, is_causal=mask is None, enable_gqa=hq != hkv)
-            return o.transpose(0, 1)
-        return attend
+    def sdpa_dense(q, k, v):
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=dense, enable_gqa=hq != hkv)
+        return o.transpose(0, 1)
 
+    # (name, fn, mask build seconds, (q, k) pairs evaluated)
     methods = [("mempo " + ("triton" if cuda else "torch"), lambda q, k, v: segment_attention(q, k, v, layout),
-                build_layout + (build_blocks if cuda else build_masks))]
+                build_layout + (build_blocks if cuda else build_masks), visible)]
     if not a.skip_flex:
         flex = flex_method(layout, hq, hkv, a.device)
         if isinstance(flex, str):
             print("note:", flex)
         else:
-            methods.append(("flex_attention", flex[0], build_layout + flex[1]))
-    methods += [("sdpa dense mask", sdpa(dense), build_layout + build_dense),
-                ("sdpa causal (density 1)", sdpa(None), 0.0)]
-    rows = []
-    for name, fn, build in methods:
+            methods.append(("flex_attention", flex[0], build_layout + flex[1], visible))
+    varlen_name, varlen = causal_varlen_method(layout, hq, hkv, a.device, dtype)
+    methods += [(varlen_name, varlen, 0.0, causal),
+                ("sdpa dense mask", sdpa_dense, build_layout + build_dense, L * L)]
+    rows, failed = [], []
+    report = {"device": device_name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "tokens": L, "trajectories": len(trajs), "heads": hq, "kv_heads": hkv,
+              "dim": dim, "dtype": str(dtype).removeprefix("torch."), "density": density,
+              "visible_pairs": visible, "causal_pairs": causal, "tile_density": blocks.density,
+              "layout_build_ms": build_layout * 1e3, "block_table_ms": build_blocks * 1e3,
+              "cpu_masks_ms": build_masks * 1e3, "rows": rows, "failed": failed}
+    for name, fn, build, pairs in methods:
         try:
             fwd, fwd_bwd = fwd_and_bwd(fn, q, k, v, a.device, repeats)
         except Exception as e:  # noqa: BLE001 - one failing baseline must not hide the others
-            print(f"note: {name} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            print(f"note: {name} failed: {reason}")
+            failed.append({"method": name, "reason": reason})
             continue
-        rows.append({"method": name, "mask_build_ms": build * 1e3, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": fwd_bwd * 1e3})
-    base = rows[0]
-    print(f"{'method':<26}{'mask build ms':>14}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd x':>8}{'fwd+bwd x':>11}")
+        rows.append({"method": name, "mask_build_ms": build * 1e3, "fwd_ms": fwd * 1e3,
+                     "fwd_bwd_ms": fwd_bwd * 1e3, "pairs": pairs})
+        if a.json:  # after every row: a later timeout keeps what was measured
+            _write_json(a.json, report)
+    base = rows[0] if rows and rows[0]["method"].startswith("mempo") else None
+    print(f"{'method':<34}{'pairs (M)':>10}{'pairs x':>9}{'mask build ms':>14}{'fwd ms':>10}{'fwd+bwd ms':>12}"
+          f"{'fwd x':>8}{'fwd+bwd x':>11}")
     for r in rows:
-        r["fwd_ratio"] = r["fwd_ms"] / base["fwd_ms"]
-        r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"]
-        print(f"{r['method']:<26}{r['mask_build_ms']:>14.3f}{r['fwd_ms']:>10.2f}{r['fwd_bwd_ms']:>12.2f}"
-              f"{r['fwd_ratio']:>8.2f}{r['fwd_bwd_ratio']:>11.2f}")
-    print("(x = time / mempo's time; > 1 means mempo is faster)")
+        r["pairs_ratio"] = r["pairs"] / visible
+        r["fwd_ratio"] = r["fwd_ms"] / base["fwd_ms"] if base else None
+        r["fwd_bwd_ratio"] = r["fwd_bwd_ms"] / base["fwd_bwd_ms"] if base else None
+        ratios = (f"{r['fwd_ratio']:>8.2f}{r['fwd_bwd_ratio']:>11.2f}" if base else f"{'-':>8}{'-':>11}")
+        print(f"{r['method']:<34}{r['pairs'] / 1e6:>10.1f}{r['pairs_ratio']:>9.2f}{r['mask_build_ms']:>14.3f}"
+              f"{r['fwd_ms']:>10.2f}{r['fwd_bwd_ms']:>12.2f}" + ratios)
+    print("(x = time / mempo's time; > 1 means mempo is faster. pairs x = (q, k) pairs evaluated / the pairs "
+          "MemPO's mask keeps)")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": a.device, "tokens": L, "trajectories": len(trajs), "heads": hq, "kv_heads": hkv,
-                       "dim": dim, "dtype": str(dtype), "density": density, "tile_density": blocks.density,
-                       "layout_build_ms": build_layout * 1e3, "block_table_ms": build_blocks * 1e3,
-                       "cpu_masks_ms": build_masks * 1e3,
-                       "rows": rows}, f, indent=2)
+        _write_json(a.json, report)
+    return 1 if failed else 0
+
+
+def _write_json(path: str, report: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -101,7 +101,9 @@ def main() -> None:
         print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "shape": shape, "dtype": args.dtype, "results": rows}, f, indent=1)
+            json.dump({"device": device, "torch": torch.__version__, "shape": shape, "dtype": args.dtype,
+                       "cache_gib": cache.numel() * cache.element_size() / 2**30, "peak_gbs": args.peak_gbs,
+                       "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python benchmarks/rollout.py                    # tiny world, 10-objective tasks, CPU
     python benchmarks/rollout.py --model runs/tiny/hf --sample   # a trained policy, sampling
+    python benchmarks/rollout.py --device cuda --model-shape qwen2-0.5b --dtype bf16 --tasks 16
+                                                    # throughput of a Qwen2-0.5B-shaped random model
 
 By default the model's turns are teacher-forced to the tiny world's expert demonstrations,
 so every engine and policy processes the same text and only context handling differs
@@ -22,12 +24,27 @@ import time
 
 import torch
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Qwen2Config fields of the random-init models; vocab_size is the tokenizer's when smaller.
+MODEL_SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),
+    # Qwen/Qwen2-0.5B's config.json (494M parameters; tied embeddings; rope theta left at the
+    # default: it does not change the work)
+    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objectives", type=int, default=10)
     p.add_argument("--tasks", type=int, default=4)
-    p.add_argument("--model", default=None, help="local HF checkpoint dir (default: tiny random Qwen2)")
+    p.add_argument("--model", default=None, help="local HF checkpoint dir (default: a random Qwen2 of --model-shape)")
+    p.add_argument("--model-shape", default="tiny", choices=sorted(MODEL_SHAPES),
+                   help="shape of the random-init Qwen2 when no --model is given")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="model dtype (default: the checkpoint's with --model, else fp32)")
     p.add_argument("--sample", action="store_true", help="sample turns instead of forcing the expert's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-context", type=int, default=8192)
@@ -40,11 +57,15 @@ def _model(args, vocab_size):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if args.model:
-        return AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.model).to(args.device).eval()
+        return model.to(DTYPES[args.dtype]) if args.dtype else model
+    dtype = DTYPES[args.dtype or "fp32"]
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384)
-    return Qwen2ForCausalLM(cfg).to(args.device).eval()
+    shape = dict(MODEL_SHAPES[args.model_shape])
+    shape["vocab_size"] = max(shape.get("vocab_size", 0), vocab_size)
+    cfg = Qwen2Config(**shape, max_position_embeddings=max(16384, args.max_context))
+    with torch.device(args.device):  # initialise on the device: a 0.5B model is slow to init on the host
+        return Qwen2ForCausalLM(cfg).to(dtype).eval()
 
 
 def main():
@@ -52,8 +73,9 @@ def main():
     from mempo.envs import EnvConfig, build_tiny_world, tiny_world_tokenizer
     from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout
 
-    # up to two hops per objective plus the answer turn
-    env = EnvConfig(top_k=3, max_turns=2 * args.objectives + 2, info_max_chars=400, info_show_titles=False)
+    # up to two hops per objective plus the answer turn; the tokenizer is trained on expert
+    # texts of up to 4 objectives, which must fit too
+    env = EnvConfig(top_k=3, max_turns=2 * max(args.objectives, 4) + 2, info_max_chars=400, info_show_titles=False)
     world = build_tiny_world(seed=0, env=env)
     tok = tiny_world_tokenizer(world)
     tasks = world.tasks("heldout", num_objectives=args.objectives)[: args.tasks]
@@ -64,9 +86,19 @@ def main():
         forced = [[t.model for t in e.turns] for e in world.expert_trajectories(tasks)]
     model = _model(args, len(tok))
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {device} | {len(tasks)} tasks x {args.objectives} objectives | "
-          f"{'sampled' if args.sample else 'expert turns forced'} | model params "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
+    threads = f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else ""
+    print(f"device: {device}{threads} | torch {torch.__version__} | {len(tasks)} tasks x {args.objectives} "
+          f"objectives | "
+          f"{'sampled' if args.sample else 'expert turns forced'} | model {args.model or args.model_shape} "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{str(next(model.parameters()).dtype).removeprefix('torch.')}")
+    # warm-up (CUDA context, kernel choices, allocator), untimed: one task's prompt and the
+    # first 16 tokens of its first turn (the cut turn does not parse, which ends the episode)
+    t0 = time.perf_counter()
+    run_rollout(NativeEngine(model, args.max_context), world.env(), tok, tasks[:1], [0], ContextPolicy("mempo"),
+                SamplingParams(max_new_tokens=16, max_total_tokens=args.max_context * 4),
+                forced_turns=forced[:1] if forced else None)
+    print(f"warm-up (one prompt + 16 tokens) {time.perf_counter() - t0:.1f} s, not in wall")
     rows = []
     for name in ("mempo", "keep_all"):
         engine = NativeEngine(model, args.max_context)

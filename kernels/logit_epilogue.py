@@ -115,8 +115,20 @@ def _logit_epilogue_kernel(
             tl.store(row_grad + idx, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def _block_v(V: int) -> int:
-    return min(triton.next_power_of_2(V), 4096 if torch.cuda.is_available() else 128)
+# (largest BLOCK_V, num_warps) per device type. CUDA: 4096-wide vocabulary tiles, so a
+# 152k-vocab row is 38 coalesced sweeps by 8 warps. CPU tensors run only under the
+# interpreter (TRITON_INTERPRET=1), where small blocks keep numpy temporaries small; this
+# follows the tensor, not torch.cuda.is_available(): CPU tests on a GPU machine stay small.
+LAUNCH_CONFIGS = {"cuda": (4096, 8), "cpu": (128, 1)}
+
+
+def launch_config(device: torch.device, V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a chunk of vocabulary size V on `device`."""
+    if device.type not in LAUNCH_CONFIGS:
+        raise ValueError(f"logit_epilogue runs on CUDA tensors (or CPU tensors under the interpreter), "
+                         f"got a tensor on {device}")
+    max_block, num_warps = LAUNCH_CONFIGS[device.type]
+    return min(triton.next_power_of_2(V), max_block), num_warps
 
 
 def logit_epilogue(
@@ -164,6 +176,7 @@ def logit_epilogue(
             kl_kind = opts.kl_kind
             ref = dummy if ref is None else ref
     grad = dummy if grad_out is None else grad_out
+    block_v, num_warps = launch_config(logits.device, V)
     if C > 0:
         _logit_epilogue_kernel[(C,)](
             logits, logits.stride(0), grad, grad.stride(0) if grad_out is not None else 0, targets, V,
@@ -173,8 +186,7 @@ def logit_epilogue(
             grad_logp, grad_ent,
             float(clip_low), float(clip_high), float(dual_clip), float(kl_coef),
             MODE=mode, WITH_ENTROPY=with_entropy, HAS_DUAL_CLIP=has_dual, KL_KIND=kl_kind,
-            CLAMP=LOG_RATIO_CLAMP, BLOCK_V=_block_v(V),
-            num_warps=8 if torch.cuda.is_available() else 1,
+            CLAMP=LOG_RATIO_CLAMP, BLOCK_V=block_v, num_warps=num_warps,
         )
     if mode == MODE_GRAD:
         return None
