@@ -73,3 +73,24 @@ def test_eval_table_and_two_phase_eta(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out evaluation at step 5" in out
     assert "│          2 │ 0.250 │ 0.500 │ 210 │ 149 │" in out
+
+
+def test_a_run_restarted_from_step_s_leaves_no_records_past_s(tmp_path):
+    """A crash before the first checkpoint restarts at step 0; a resume from S re-logs S+1..:
+    metrics.jsonl must hold each (phase, step) once."""
+    import json
+
+    def steps():
+        return [(r["phase"], r["step"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+
+    with RunLogger(tmp_path, LoggingConfig(progress_bar=False), resume_step=0) as log:
+        for step in (1, 2, 3):
+            log.log(step, {"nll": 1.0}, "sft")  # then the run dies before its first checkpoint
+    with RunLogger(tmp_path, LoggingConfig(progress_bar=False), resume_step=0) as log:  # restart
+        for step in (1, 2):
+            log.log(step, {"nll": 1.0}, "sft")
+        log.log(3, {"reward/mean": 0.1}, "rl")
+    assert steps() == [("sft", 1), ("sft", 2), ("rl", 3)]
+    with RunLogger(tmp_path, LoggingConfig(progress_bar=False), resume_step=2) as log:  # resumed from step 2
+        log.log(3, {"reward/mean": 0.2}, "rl")
+    assert steps() == [("sft", 1), ("sft", 2), ("rl", 3)]
