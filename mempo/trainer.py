@@ -180,10 +180,9 @@ def run(cfg: Config, info) -> None:
     expert = [trajectory_from_turns(side.tokenizer, e.prompt, [(t.model, t.information) for t in e.turns], context)
               for e in side.expert_trajectories] if start < cfg.sft.steps else []
     opts = rl_options(cfg, side.stop_token_ids, info.device)
-    rollout_engine = engine  # engine=vllm: a VLLMRollout, built at the first RL step
-    ref_policy = None  # the frozen reference: the warm-started policy, only when kl_coef > 0
 
     def reference() -> FusedPolicy:
+        """The frozen reference for kl_coef > 0: the policy as the warm start left it."""
         ref = FusedPolicy(build_model(cfg.model, tokenizer=side.tokenizer, seed=cfg.trainer.seed).to(info.device),
                           attention="segment")
         shard_model(ref, param_dtype=compute_dtype(cfg.model.dtype, info.device))
@@ -201,31 +200,37 @@ def run(cfg: Config, info) -> None:
         initialise_root(ref, FILLER)
         return ref
 
-    log.progress(total, "train", completed=start, phases={"sft": cfg.sft.steps, "rl": cfg.trainer.steps})
-    for step in range(start, total):
-        if step < cfg.sft.steps:  # 1. supervised warm start on expert trajectories
-            metrics, phase = sft_step(policy, expert, cfg, optimizer, guard, step), "sft"
-        else:  # 2. MemPO RL
-            rl = step - cfg.sft.steps
-            if cfg.algorithm.kl_coef and ref_policy is None:
-                ref_policy = reference()
-            if cfg.rollout.engine == "vllm" and rollout_engine is engine:
-                rollout_engine = vllm_rollout(policy, side.tokenizer, cfg, info.device)
-            rng = random.Random(step_seed(cfg.trainer.seed, "rl", rl))
-            tasks = [side.train_tasks[rng.randrange(len(side.train_tasks))] for _ in range(cfg.rollout.batch_size)]
-            metrics = rl_step(policy, rollout_engine, side.env, side.tokenizer, shard_for_rank(tasks), opts, optimizer,
-                              rl, guard, ref_policy)
-            phase = "rl"
+    def end_of_step(step: int, metrics: dict, phase: str) -> None:
+        """Log the step; checkpoint and evaluate when their conditions say so."""
         metrics["lr"] = scheduler.get_last_lr()[0]
         scheduler.step()
-        log.log(step + 1, metrics, phase)
         done = step + 1
-        if done == cfg.sft.steps or done == total or (
-                cfg.trainer.save_every and done > cfg.sft.steps and (done - cfg.sft.steps) % cfg.trainer.save_every == 0):
+        log.log(done, metrics, phase)
+        rl_done = done - cfg.sft.steps
+        if done == cfg.sft.steps or done == total or (cfg.trainer.save_every and rl_done > 0
+                                                     and rl_done % cfg.trainer.save_every == 0):
             save(done)
-        if cfg.trainer.eval_every and done > cfg.sft.steps and (done - cfg.sft.steps) % cfg.trainer.eval_every == 0 \
-                and done != total:
+        if cfg.trainer.eval_every and rl_done > 0 and rl_done % cfg.trainer.eval_every == 0 and done != total:
             log.log(done, evaluate(policy, engine, side, cfg), "eval")
+
+    log.progress(total, "train", completed=start, phases={"sft": cfg.sft.steps, "rl": cfg.trainer.steps})
+    # 1. supervised warm start on expert trajectories
+    for step in range(start, cfg.sft.steps):
+        end_of_step(step, sft_step(policy, expert, cfg, optimizer, guard, step), "sft")
+
+    # 2. MemPO RL: its pieces are built once, from the warm-started policy
+    rl_start = max(start, cfg.sft.steps)
+    ref_policy = reference() if cfg.algorithm.kl_coef and rl_start < total else None
+    vllm = cfg.rollout.engine == "vllm" and rl_start < total
+    rollout_engine = vllm_rollout(policy, side.tokenizer, cfg, info.device) if vllm else engine
+    for step in range(rl_start, total):
+        rl = step - cfg.sft.steps
+        rng = random.Random(step_seed(cfg.trainer.seed, "rl", rl))
+        tasks = [side.train_tasks[rng.randrange(len(side.train_tasks))] for _ in range(cfg.rollout.batch_size)]
+        metrics = rl_step(policy, rollout_engine, side.env, side.tokenizer, shard_for_rank(tasks), opts, optimizer,
+                          rl, guard, ref_policy)
+        end_of_step(step, metrics, "rl")
+
     # 3. evaluation on held-out tasks with 1, 2, 4 objectives, then the exported policy
     final = evaluate(policy, engine, side, cfg)
     log.log(total, final, "eval")
@@ -235,5 +240,5 @@ def run(cfg: Config, info) -> None:
         log.notice(f"exported the policy to {out_dir}/hf")
     log.close()
     barrier()
-    if rollout_engine is not engine:
+    if vllm:
         rollout_engine.close()  # last: vLLM's teardown destroys the default process group
