@@ -90,6 +90,9 @@ setup(
         "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        # mempo.integrations (verl's policy-loss registry, TRL's GRPOTrainer); verl pins
+        # transformers<5.11, so this extra moves transformers to 5.10.x
+        "integrations": ["trl>=1.16,<2", "verl>=0.9.1,<0.10"],
         "test": ["pytest", "triton>=3.0", "liger-kernel>=0.5", "pyarrow"],
     },
 )
