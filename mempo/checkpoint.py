@@ -83,6 +83,17 @@ def _is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in (".metadata", "train_state.pt", MANIFEST_FILE))
 
 
+def _complete_checkpoint(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or CheckpointError if it is missing or incomplete."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if not _is_complete(path):
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no .metadata, train_state.pt or "
+                              f"{MANIFEST_FILE})")
+    return path
+
+
 def _crc32(path: Path) -> str:
     crc = 0
     with open(path, "rb") as f:
@@ -161,12 +172,7 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
     if resume == "never":
         return None
     if resume != "auto":
-        path = Path(resume)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-        if not _is_complete(path):
-            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no .metadata, train_state.pt or "
-                                  f"{MANIFEST_FILE})")
+        path = _complete_checkpoint(resume)
         problem = verify_checkpoint(path)
         if problem:
             raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {problem}")
@@ -299,12 +305,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     """Collective: restore model (and optimizer, scheduler, this rank's RNG) in place from
     a checkpoint written by save_checkpoint; the model must already be sharded the same
     way as (or any way compatible with) the saving run. Returns the TrainState."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    if not _is_complete(path):
-        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete (no .metadata, train_state.pt or "
-                              f"{MANIFEST_FILE})")
+    path = _complete_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
     state = {"model": model_sd}
     if optimizer is not None:

@@ -9,28 +9,12 @@ import urllib.request
 import pytest
 
 from mempo.envs import BM25Search, HttpSearch, SearchServerError
-from mempo.envs.retrieval_server import make_retrieval_server
-
-
-class _Serving:
-    def __init__(self, tool):
-        self.server = make_retrieval_server(tool, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/retrieve"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+from serving import Serving
 
 
 @pytest.fixture(scope="module")
 def bm25_server(world_corpus_file):
-    with _Serving(BM25Search.from_jsonl(world_corpus_file)) as serving:
+    with Serving(BM25Search.from_jsonl(world_corpus_file)) as serving:
         yield serving
 
 
@@ -82,7 +66,7 @@ class _FailingTool:
 
 def test_server_error_is_retried_then_reported():
     tool = _FailingTool()
-    with _Serving(tool) as serving:
+    with Serving(tool) as serving:
         client = HttpSearch(serving.url, timeout_s=5, retries=2, backoff_s=0.01)
         with pytest.raises(SearchServerError, match="3 attempt.*HTTP 500.*index corrupted"):
             client.search(["x"], 1)
@@ -102,7 +86,7 @@ class _SlowTool:
 
 def test_timeout_then_retry_succeeds(world):
     tool = _SlowTool(1.0, world.search_tool)
-    with _Serving(tool) as serving:
+    with Serving(tool) as serving:
         client = HttpSearch(serving.url, timeout_s=0.3, retries=1, backoff_s=0.01)
         assert client.search([world.questions[0].hops[0].query], 1)[0][0].id == \
             world.questions[0].hops[0].doc_id
@@ -110,7 +94,7 @@ def test_timeout_then_retry_succeeds(world):
 
 
 def test_timeout_without_retries():
-    with _Serving(_SlowTool(1.0)) as serving:
+    with Serving(_SlowTool(1.0)) as serving:
         client = HttpSearch(serving.url, timeout_s=0.2, retries=0)
         started = time.monotonic()
         with pytest.raises(SearchServerError, match="timed out"):
@@ -168,6 +152,6 @@ class _ShortTool:
 
 
 def test_malformed_answer_is_reported():
-    with _Serving(_ShortTool()) as serving:
+    with Serving(_ShortTool()) as serving:
         with pytest.raises(SearchServerError, match="0 result lists for 2 queries"):
             HttpSearch(serving.url, timeout_s=5, retries=0).search(["a", "b"], 1)

@@ -14,29 +14,13 @@ import time
 import pytest
 
 from mempo.envs import HttpSearch, SearchServerError
-from mempo.envs.retrieval_server import MAX_BODY_BYTES, MAX_QUERIES, make_retrieval_server
-
-
-class _Serving:
-    def __init__(self, tool, **kwargs):
-        self.server = make_retrieval_server(tool, "127.0.0.1", 0, **kwargs)
-        self.port = self.server.server_port
-        self.url = f"http://127.0.0.1:{self.port}/retrieve"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=10)
+from mempo.envs.retrieval_server import MAX_BODY_BYTES, MAX_QUERIES
+from serving import Serving
 
 
 @pytest.fixture(scope="module")
 def server(world):
-    with _Serving(world.search_tool) as serving:
+    with Serving(world.search_tool) as serving:
         yield serving
 
 
@@ -214,7 +198,7 @@ class _CountingTool:
 
 def test_searches_are_bounded_and_extra_requests_wait():
     tool = _CountingTool(delay_s=0.2)
-    with _Serving(tool, max_concurrency=2) as serving:
+    with Serving(tool, max_concurrency=2) as serving:
         answers = []
 
         def client():
