@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from mempo.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 METHODS = ("naive", "naive-ref", "liger", "liger-eager", "mempo")
@@ -187,14 +188,14 @@ def _worker(args) -> None:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_bytes()
-        _reset_peak_rss()
+        base = rss_bytes()
+        reset_peak_rss()
     step()  # the peak-memory measurement
     sync()
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _peak_rss_bytes() - base
+        peak = peak_rss_bytes() - base
     extra = max(0, peak - grads_bytes)
     times = []
     for _ in range(args.repeats):
@@ -206,25 +207,6 @@ def _worker(args) -> None:
         times.append(time.perf_counter() - t0)
     with open(args.worker_out, "w") as f:
         json.dump({"time_s": statistics.median(times), "times_s": times, "extra_bytes": extra}, f)
-
-
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so the peak covers the step alone."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _liger_version() -> str | None:

@@ -23,6 +23,19 @@ def _forced_rollout(world):
     return rollout
 
 
+def _sgd_update(world, tok, tasks, make_engine=lambda m: NativeEngine(m, 2048), **options):
+    """One rl_step with SGD (lr 0.1, no grad clipping) from a fixed init -> (metrics, parameter
+    deltas in float64)."""
+    model = tiny_model(len(tok), seed=7, init_std=0.02)
+    policy = FusedPolicy(model, attention="segment")
+    opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+    opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1), micro_batch_tokens=400,
+                         grad_clip=0.0, **options)
+    before = [p.detach().clone().double() for p in model.parameters()]
+    metrics = rl_step(policy, make_engine(model), world.env(), tok, tasks, opts, opt, step=0)
+    return metrics, [p.detach().double() - b for p, b in zip(model.parameters(), before)]
+
+
 @pytest.mark.parametrize("mem_coef", [1.0, 0.0])
 def test_rl_step_moves_the_policy_towards_higher_reward(monkeypatch, mem_coef):
     world, tok = tiny_world()
@@ -86,18 +99,8 @@ def test_inexact_engine_recomputes_old_logprobs_and_reweights_tokens(monkeypatch
                 t.sample_logprobs = [lp + shift if m else lp for lp, m in zip(t.sample_logprobs, t.loss_mask)]
             return trajs
 
-    def update(make_engine):
-        model = tiny_model(len(tok), seed=7, init_std=0.02)
-        policy = FusedPolicy(model, attention="segment")
-        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-        opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1),
-                             micro_batch_tokens=400, grad_clip=0.0)
-        before = [p.detach().clone() for p in model.parameters()]
-        metrics = rl_step(policy, make_engine(model), world.env(), tok, tasks, opts, opt, step=0)
-        return metrics, [p.detach() - b for p, b in zip(model.parameters(), before)]
-
-    native, native_delta = update(lambda m: NativeEngine(m, 2048))
-    shifted, shifted_delta = update(ShiftedEngine)
+    native, native_delta = _sgd_update(world, tok, tasks)
+    shifted, shifted_delta = _sgd_update(world, tok, tasks, ShiftedEngine)
     assert "tis/weight_mean" not in native
     assert shifted["tis/weight_mean"] == pytest.approx(weight, rel=1e-5)
     assert shifted["rollout/logprob_gap"] == pytest.approx(abs(shift), rel=1e-3)
@@ -117,15 +120,9 @@ def test_memory_advantage_reaches_the_update_linearly(monkeypatch):
     tasks = world.tasks("train", num_objectives=1)[:2]
 
     def update(mem_coef):
-        model = tiny_model(len(tok), seed=7, init_std=0.02)
-        policy = FusedPolicy(model, attention="segment")
-        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-        opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1),
-                             micro_batch_tokens=400, grad_clip=0.0, mem_coef=mem_coef)
-        before = [p.detach().clone().double() for p in model.parameters()]
-        metrics = rl_step(policy, NativeEngine(model, 2048), world.env(), tok, tasks, opts, opt, step=0)
+        metrics, deltas = _sgd_update(world, tok, tasks, mem_coef=mem_coef)
         assert metrics["memory_adv/abs_mean"] > 0 and metrics["clip_fraction"] == 0.0
-        return torch.cat([(p.detach().double() - b).flatten() for p, b in zip(model.parameters(), before)])
+        return torch.cat([d.flatten() for d in deltas])
 
     d0, d1, d3 = update(0.0), update(1.0), update(3.0)
     memory_part = d1 - d0
@@ -141,18 +138,8 @@ def test_recompute_old_logprobs_with_the_native_engine(monkeypatch):
     monkeypatch.setattr(rl_step_module, "run_rollout", _forced_rollout(world))
     tasks = world.tasks("train", num_objectives=1)[:2]
 
-    def update(recompute):
-        model = tiny_model(len(tok), seed=7, init_std=0.02)
-        policy = FusedPolicy(model, attention="segment")
-        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-        opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1),
-                             micro_batch_tokens=400, grad_clip=0.0, recompute_old_logprobs=recompute)
-        before = [p.detach().clone() for p in model.parameters()]
-        metrics = rl_step(policy, NativeEngine(model, 2048), world.env(), tok, tasks, opts, opt, step=0)
-        return metrics, [p.detach() - b for p, b in zip(model.parameters(), before)]
-
-    exact, exact_delta = update(False)
-    recomputed, recomputed_delta = update(True)
+    exact, exact_delta = _sgd_update(world, tok, tasks, recompute_old_logprobs=False)
+    recomputed, recomputed_delta = _sgd_update(world, tok, tasks, recompute_old_logprobs=True)
     assert "tis/weight_mean" not in exact
     assert recomputed["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4)
     assert recomputed["rollout/logprob_gap"] < 1e-4  # float32: the invariant

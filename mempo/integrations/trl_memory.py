@@ -33,6 +33,7 @@ import time
 import torch
 from trl import GRPOTrainer
 
+from mempo.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 from mempo.integrations.trl import MemPOGRPOTrainer, last_hidden_states
 
 METHODS = ("trl", "liger", "mempo")
@@ -160,34 +161,15 @@ def _worker(args) -> None:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            base = _rss_bytes()
-            _reset_peak_rss()
+            base = rss_bytes()
+            reset_peak_rss()
         step()
         sync()
-        peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()) - base
+        peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
         grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         result = {"peak_bytes": peak, "param_grad_bytes": grads}
     with open(args.worker_out, "w") as f:
         json.dump(result, f)
-
-
-def _reset_peak_rss() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so the peak covers the step alone."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status: peak RSS needs Linux")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _run_worker(argv, method: str, timing: bool) -> dict | str:
