@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from mempo.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from mempo.host_memory import step_peak_bytes
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 METHODS = ("naive", "naive-ref", "liger", "liger-eager", "mempo")
@@ -184,18 +184,7 @@ def _worker(args) -> None:
         step()
     clear_grads()
     sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = rss_bytes()
-        reset_peak_rss()
-    step()  # the peak-memory measurement
-    sync()
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = peak_rss_bytes() - base
+    peak = step_peak_bytes(step, cuda)  # the peak-memory measurement
     extra = max(0, peak - grads_bytes)
     times = []
     for _ in range(args.repeats):

@@ -1,8 +1,10 @@
-"""Host (CPU) memory of this process, for benchmarks: current RSS and the peak since a reset."""
+"""Memory of this process for benchmarks: host RSS and its peak since a reset, and the peak a
+step adds (CUDA allocated memory, or host RSS)."""
 from __future__ import annotations
 
 import os
 import resource
+from typing import Callable
 
 
 def reset_peak_rss() -> None:
@@ -23,3 +25,21 @@ def peak_rss_bytes() -> int:
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def step_peak_bytes(step: Callable[[], object], cuda: bool) -> int:
+    """Rise of peak memory over the start while `step()` runs: CUDA allocated memory, or on the
+    CPU the peak RSS (VmHWM, reset just before)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = rss_bytes()
+    reset_peak_rss()
+    step()
+    return peak_rss_bytes() - base

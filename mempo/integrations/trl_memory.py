@@ -33,7 +33,7 @@ import time
 import torch
 from trl import GRPOTrainer
 
-from mempo.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from mempo.host_memory import step_peak_bytes
 from mempo.integrations.trl import MemPOGRPOTrainer, last_hidden_states
 
 METHODS = ("trl", "liger", "mempo")
@@ -157,15 +157,7 @@ def _worker(args) -> None:
         sync()
         result = {"time_s": time.perf_counter() - t0, "loss": loss}
     else:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            base = rss_bytes()
-            reset_peak_rss()
-        step()
-        sync()
-        peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
+        peak = step_peak_bytes(step, cuda)
         grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         result = {"peak_bytes": peak, "param_grad_bytes": grads}
     with open(args.worker_out, "w") as f:
