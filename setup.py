@@ -90,9 +90,10 @@ setup(
         "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        "bench": ["matplotlib"],  # the PNG plots of benchmarks/tiny_world.py
         # mempo.integrations (verl's policy-loss registry, TRL's GRPOTrainer); verl pins
         # transformers<5.11, so this extra moves transformers to 5.10.x
         "integrations": ["trl>=1.16,<2", "verl>=0.9.1,<0.10"],
-        "test": ["pytest", "triton>=3.0", "liger-kernel>=0.5", "pyarrow"],
+        "test": ["pytest", "triton>=3.0", "liger-kernel>=0.5", "pyarrow", "ruff==0.17.6"],  # ruff: tests/test_style.py
     },
 )

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from mempo.ops.segment_attention import GPU_BLOCKS, segment_attention, sequence_masks
-from mempo.segment_blocks import layout_blocks
-from mempo.segment_layout import Segment, SegmentLayout
+from mempo.ops.segment_blocks import layout_blocks
+from mempo.ops.segment_layout import Segment, SegmentLayout
 
 
 def mempo_trajectory(rng: np.random.Generator, tokens: int, prompt: int = 512) -> list[Segment]:

@@ -1,5 +1,5 @@
 """The CPU chunk epilogue: mempo._C (C++/OpenMP, one sweep each) vs the PyTorch statement
-of the same contract (mempo/ops/chunk_epilogue.py), on one chunk of logits.
+of the same contract (mempo/ops/epilogue.py), on one chunk of logits.
 
     python benchmarks/epilogue.py                  # C=256 rows, V=32000, float32, < 30 s
     python benchmarks/epilogue.py --rows 512 --vocab 151936 --temperature 0.7 --json out.json
@@ -19,7 +19,7 @@ import time
 import torch
 
 from mempo._native import native_error, native_ops
-from mempo.ops import chunk_epilogue
+from mempo.ops import epilogue as chunk_epilogue
 
 
 def median_seconds(fn, setup, warmup: int, repeats: int) -> float:

@@ -26,8 +26,8 @@ import torch
 from mempo.envs import build_tiny_world
 from mempo.ops import linear_logprobs
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout
+from mempo.training.fused_policy import packed_hidden
 from mempo.training.packed_batch import pack_trajectories
-from mempo.training.policy_forward import packed_hidden
 
 
 def measure(model, world, tok, tasks, experts, dtype, device):
@@ -82,12 +82,11 @@ def main() -> None:
 
 def reencode_work(world, tok, objectives: list[int], tasks_per_count: int) -> None:
     """One-pass vs per-context samples, on the reencode records of expert trajectories."""
-    from mempo.rollout import trajectory_from_turns
-    from mempo.segment_layout import SegmentLayout
-
     import dataclasses
 
     from mempo.envs import SearchEnv
+    from mempo.ops.segment_layout import SegmentLayout
+    from mempo.rollout import trajectory_from_turns
 
     policy = ContextPolicy("mempo", mode="reencode")
     env = SearchEnv(world.search_tool, dataclasses.replace(world.config.env, max_turns=64))

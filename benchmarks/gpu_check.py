@@ -20,7 +20,9 @@ recorded and the next one runs (`--steps` picks a subset):
   pytest-gpu   every `gpu`-marked test (logit epilogue at N=16k, H=4096, V=151936; KV
                eviction kernel; segment attention kernel)
   kv-evict     benchmarks/kv_evict.py (28 layers, 16 x 8k tokens, bf16)
-  rollout      benchmarks/rollout.py on a Qwen2-0.5B-shaped random model, native engine
+  rollout      benchmarks/rollout.py on a Qwen2-0.5B-shaped random model: native engine, and
+               vLLM beside it where vllm is importable (not on the current image)
+  rollout-decode  the same with sampled turns (every token a decode step)
   loss-agent   benchmarks/loss.py with an agent-like loss mask (--mask-frac 0.3)
 Writes OUT/gpu_check.json (every step: command, status, seconds, output tail, the benchmark's
 own JSON), OUT/gpu_check.md (a block for benchmarks/RESULTS.md) and OUT/logs/<step>.log.
@@ -105,8 +107,9 @@ def plan(args) -> list[Step]:
         attention = ["--device", "cpu", "--tokens", "700", "--trajectory-tokens", "700", "--heads", "2",
                      "--dim", "16", "--repeats", "1", "--skip-flex"]
         kv = ["--device", "cpu", "--layers", "1", "--tokens", "128", "--batch", "2", "--repeats", "2"]
-        rollout = ["--device", "cpu", "--tasks", "1", "--objectives", "1"]
-        pytest_files = ["tests/test_logit_epilogue.py", "tests/test_kv_evict_cuda.py"]
+        rollout = ["--device", "cpu", "--tasks", "1", "--objectives", "1", "--concurrency-tasks", "0"]
+        pytest_files = ["tests/test_chunk_epilogue_kernel.py", "tests/test_kv_evict_cuda.py",
+                        "tests/test_paged_attention.py"]
     else:
         loss_args = ["--device", "cuda", *LOSS_SHAPE, "--repeats", "5"]
         loss_methods = LOSS_METHODS
@@ -115,7 +118,7 @@ def plan(args) -> list[Step]:
         # 4 objectives: ~550-token trajectories, one decode step per token; the CPU table's 10
         # objectives would take ~2.5x longer for the same tokens/s
         rollout = ["--device", "cuda", "--model-shape", "qwen2-0.5b", "--dtype", "bf16", "--tasks", "16",
-                   "--objectives", "4"]
+                   "--objectives", "4", "--concurrency-tasks", "0"]
         pytest_files = ["tests"]
     steps = [
         Step("environment", "device, driver, CUDA, versions, date", [PY, "-c", _ENV_PROBE], 60,
@@ -142,10 +145,15 @@ def plan(args) -> list[Step]:
              + ("" if smoke else " (28 layers x K/V, 16 x 8192 tokens, 4 KV heads, dim 128, bf16: 7.5 GB)"),
              [PY, bench("kv_evict.py"), *kv, "--json", out("kv_evict.json")], 90,
              json_out=out("kv_evict.json"), waits_for_build=True, expect_s=15),
-        Step("rollout", "native-engine rollout: TT, PT, tokens/s (MemPO vs keep-everything)"
+        Step("rollout", "rollout: TT, PT, tokens/s (MemPO vs keep-everything), native engine and vLLM where "
+             "vllm is importable (the image has none: then native rows only)"
              + ("" if smoke else ", Qwen2-0.5B-shaped random model, bf16, 16 tasks x 4 objectives"),
-             [PY, bench("rollout.py"), *rollout, "--no-vllm", "--json", out("rollout.json")], 150,
+             [PY, bench("rollout.py"), *rollout, "--json", out("rollout.json")], 150,
              json_out=out("rollout.json"), needs=("bm25s",), waits_for_build=True, expect_s=50),
+        Step("rollout-decode", "rollout with sampled turns: every token a decode step through the paged "
+             "KV cache (Triton paged-attention kernel), same engines and model",
+             [PY, bench("rollout.py"), *rollout, "--sample", "--json", out("rollout_decode.json")], 150,
+             json_out=out("rollout_decode.json"), needs=("bm25s",), waits_for_build=True, expect_s=40),
         Step("loss-agent", "the loss with 30% of the tokens carrying loss (agent rollouts)",
              [PY, bench("loss.py"), *loss_args, "--mask-frac", "0.3",
               "--methods", "naive,liger,mempo" if not smoke else "naive,mempo", "--json", out("loss_agent.json")],
@@ -424,8 +432,11 @@ def _md_kv(res: dict) -> list[str]:
 
 def _md_rollout(res: dict) -> list[str]:
     a = res["args"]
-    lines = [f"{a['tasks']} tasks x {a['objectives']} objectives, expert turns forced, model "
-             f"{a.get('model') or a.get('model_shape')} ({a.get('dtype') or 'default dtype'}), native engine", ""]
+    engines = sorted({r["engine"] for r in res["rows"]})
+    lines = [f"{a['tasks']} tasks x {a['objectives']} objectives, "
+             f"{'sampled turns' if a.get('sample') else 'expert turns forced'}, model "
+             f"{a.get('model') or a.get('model_shape')} ({a.get('dtype') or 'default dtype'}), "
+             f"engines: {', '.join(engines)}", ""]
     base = next((r for r in res["rows"] if r["policy"] == "keep_all"), None)
     rows = [[r["engine"], r["policy"], _f(r["TT"], ".0f"), _f(r["PT"], ".0f"),
              (f"{r['PT'] / base['PT'] - 1:+.0%}" if base else "n/a"), _f(r["wall_s"], ".2f"),
@@ -443,7 +454,7 @@ def _md_pytest(res: dict) -> list[str]:
 
 
 RENDER = {"loss": _md_loss, "loss-agent": _md_loss, "attention": _md_attention, "kv-evict": _md_kv,
-          "rollout": _md_rollout, "pytest-gpu": _md_pytest}
+          "rollout": _md_rollout, "rollout-decode": _md_rollout, "pytest-gpu": _md_pytest}
 
 
 def markdown(report: dict) -> str:

@@ -1,5 +1,6 @@
 """KV-cache eviction: mempo._C's in-place compaction (CUDA kernel / C++) vs the PyTorch
-gather-and-copy reference (mempo/reference/kv_evict.py), on one cache of every layer.
+PyTorch gather-and-copy a user would write (mempo.ops.kv_evict's own fallback, `_evict_torch`), on
+one cache of every layer.
 
     python benchmarks/kv_evict.py                       # CPU: 8 layers, batch 4, 2k tokens, < 30 s
     python benchmarks/kv_evict.py --device cuda         # 28 layers, 4 KV heads, 128 dim, 8k tokens, batch 16, bf16
@@ -21,8 +22,8 @@ import time
 import torch
 
 from mempo._native import native_error, native_ops
+from mempo.ops.kv_evict import _evict_torch as evict_gather  # the fallback: index gather + copy back
 from mempo.ops.kv_evict import evict_segments
-from mempo.reference.kv_evict import evict_segments as evict_reference
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -80,7 +81,7 @@ def main() -> None:
     moved_bytes = cache.numel() * cache.element_size() * (t - t // 16 - t // 2) / t
 
     methods = {"mempo._C": lambda: evict_segments(cache, keep_ranges),
-               "torch gather+copy": lambda: evict_reference(cache, keep_ranges)}
+               "torch gather+copy": lambda: evict_gather(cache, keep_ranges)}
     rows = []
     for name, fn in methods.items():
         sec = median_seconds(fn, args.device, args.warmup, args.repeats)

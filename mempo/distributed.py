@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -102,11 +103,16 @@ def all_reduce_sum(value: float | int | torch.Tensor) -> float | int | torch.Ten
     return int(round(total)) if isinstance(value, int) and not isinstance(value, bool) else total
 
 
-def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
-    """Sum of each entry over ranks in one collective (e.g. per-step metric totals)."""
-    keys = sorted(values)
-    packed = all_reduce_sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
-    return dict(zip(keys, packed.tolist()))
+def all_reduce_sums(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Sum of each entry over ranks in one collective (per-step metric totals). Entries may be
+    Python numbers or 0-dim tensors on any device: device tensors are stacked where they live
+    and the numbers travel in one copy, so the one host sync is the `tolist()` of the result."""
+    device = _collective_device()
+    on_device = sorted(k for k, v in values.items() if isinstance(v, torch.Tensor))
+    on_host = sorted(k for k in values if k not in on_device)
+    parts = [torch.tensor([float(values[k]) for k in on_host], dtype=torch.float64).to(device)]
+    parts += [values[k].detach().to(device, torch.float64).reshape(1) for k in on_device]
+    return dict(zip(on_host + on_device, all_reduce_sum(torch.cat(parts)).tolist()))
 
 
 def all_reduce_max(value: float) -> float:
@@ -182,13 +188,15 @@ def shard_model(model: nn.Module, *, param_dtype: torch.dtype = torch.float32,
         enable_activation_checkpointing(model)
     if not dist.is_initialized():
         return model
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for i, layer in enumerate(layers):
         # The last block's parameters are needed again first in the backward: keep them.
         fully_shard(layer, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
     fully_shard(model, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for name in getattr(model, "fsdp_methods", ()):  # e.g. FusedPolicy.policy_loss: unshard the root for it
+        register_fsdp_forward_method(model, name)
     if sum_gradients:
         gloo = dist.get_backend() == "gloo"
         for module in model.modules():

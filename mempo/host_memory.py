@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
-from typing import Callable
+from collections.abc import Callable
 
 
 def reset_peak_rss() -> None:

@@ -189,7 +189,7 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
 
-    def __enter__(self) -> "RunLogger":
+    def __enter__(self) -> RunLogger:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(check_run(cfg, ranks))
     from mempo.checkpoint import CheckpointError, find_latest
     from mempo.distributed import destroy_distributed, init_distributed
-    from mempo.model_builder import ModelLoadError
+    from mempo.models.builder import ModelLoadError
     from mempo.trainer import run
     from mempo.training.task_side import SetupError
 

@@ -19,19 +19,29 @@ from pathlib import Path
 
 import torch
 
-from mempo.checkpoint import (checkpoint_root, export_hf, load_checkpoint, resolve_resume,
-                              save_checkpoint, step_dir_name)
+from mempo.checkpoint import checkpoint_root, export_hf, load_checkpoint, resolve_resume, save_checkpoint, step_dir_name
 from mempo.config import Config
-from mempo.distributed import (all_reduce_max, all_reduce_sum, barrier, clip_grad_norm, compute_dtype,
-                               shard_for_rank, shard_model)
-from mempo.model_builder import build_model
+from mempo.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    all_reduce_sums,
+    barrier,
+    clip_grad_norm,
+    compute_dtype,
+    shard_for_rank,
+    shard_model,
+)
+from mempo.models.builder import build_model
+from mempo.ops import PolicyLossOptions
 from mempo.optim import build_optimizer, lr_multiplier
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns
+from mempo.rollout.kv_cache import KVBudgetError
 from mempo.run_log import RunLogger
 from mempo.step_guard import NonFiniteStepGuard
+from mempo.training.diagnostics import final_memory_recall, memory_stats
 from mempo.training.fused_policy import FusedPolicy
-from mempo.training.inference_mode import full_weights, initialise_root
 from mempo.training.importance_sampling import RolloutCorrection
+from mempo.training.inference_mode import full_weights, initialise_root
 from mempo.training.packed_batch import FILLER, pack_trajectories, split_by_token_budget
 from mempo.training.rl_step import RLStepOptions, evaluate_answers, rl_step
 from mempo.training.task_side import SetupError, build_task_side, live_query
@@ -57,14 +67,15 @@ def sft_step(policy, trajectories, cfg: Config, optimizer, guard, step: int) -> 
     mine = [trajectories[i] for i in shard_for_rank(picked)]
     global_tokens = max(1, int(all_reduce_sum(sum(sum(t.loss_mask[1:]) for t in mine))))
     groups = split_by_token_budget(mine, cfg.algorithm.micro_batch_tokens) if mine else []
-    nll = 0.0
+    nll = torch.zeros((), dtype=torch.float64)
     for k in range(int(all_reduce_max(float(len(groups))))):  # equal forwards on every rank
         batch = pack_trajectories([mine[i] for i in groups[k]]) if k < len(groups) else FILLER
-        loss, _ = policy(batch, mode="sft", num_global_tokens=global_tokens)
+        loss, _ = policy.sft_loss(batch, num_global_tokens=global_tokens)
         (loss * (0.0 if batch is FILLER else 1.0)).backward()
-        nll += 0.0 if batch is FILLER else float(loss.detach())
+        if batch is not FILLER:
+            nll = nll.to(loss.device) + loss.detach()  # stays on the device
     grad_norm = clip_grad_norm(policy, cfg.optimizer.grad_clip)
-    nll = all_reduce_sum(nll)
+    nll = all_reduce_sums({"nll": nll})["nll"]  # host sync: the guard decides on the host
     if guard.should_step(step, nll, grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -72,7 +83,8 @@ def sft_step(policy, trajectories, cfg: Config, optimizer, guard, step: int) -> 
 
 
 def evaluate(policy, engine, side, cfg: Config) -> dict[str, float]:
-    """Greedy rollouts on held-out tasks: EM, F1, TT, PT per objective count."""
+    """Greedy rollouts on held-out tasks: EM, F1, TT, PT, memory length and final-memory gold
+    recall per objective count."""
     out = {}
     params = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
                             max_total_tokens=cfg.rollout.max_total_tokens, stop_token_ids=side.stop_token_ids)
@@ -83,11 +95,16 @@ def evaluate(policy, engine, side, cfg: Config) -> dict[str, float]:
             trajs = run_rollout(engine, side.env, side.tokenizer, mine, list(range(len(mine))), context, params) \
                 if mine else []
         em, f1 = evaluate_answers(trajs, mine)
-        count = max(1.0, all_reduce_sum(float(len(mine))))
-        out[f"{n}obj/em"] = all_reduce_sum(float(sum(em))) / count
-        out[f"{n}obj/f1"] = all_reduce_sum(float(sum(f1))) / count
-        out[f"{n}obj/TT"] = all_reduce_sum(float(sum(t.tokens_processed for t in trajs))) / count
-        out[f"{n}obj/PT"] = all_reduce_sum(float(sum(t.peak_context for t in trajs))) / count
+        # what the memories hold: tokens per memory; gold answers the last memory still holds
+        mem = memory_stats(trajs, mine, side.tokenizer, side.env.config.tags)
+        recall = final_memory_recall(trajs, mine, side.tokenizer, side.env.config.tags)
+        g = all_reduce_sums({"tasks": len(mine), "em": sum(em), "f1": sum(f1), "recall": sum(recall),
+                             "TT": sum(t.tokens_processed for t in trajs), "PT": sum(t.peak_context for t in trajs),
+                             "mem_tokens": sum(mem["length"]), "memories": len(mem["length"])})  # one collective
+        count = max(1.0, g["tasks"])
+        out |= {f"{n}obj/em": g["em"] / count, f"{n}obj/f1": g["f1"] / count, f"{n}obj/TT": g["TT"] / count,
+                f"{n}obj/PT": g["PT"] / count, f"{n}obj/mem_len": g["mem_tokens"] / max(1.0, g["memories"]),
+                f"{n}obj/mem_recall": g["recall"] / count}
     return out
 
 
@@ -113,9 +130,9 @@ def rl_options(cfg: Config, stop_token_ids: tuple[int, ...], device: torch.devic
         correction=RolloutCorrection(cfg.rollout.tis_level, cfg.rollout.tis_mode, cfg.rollout.tis_cap,
                                      cfg.rollout.tis_low),
         recompute_old_logprobs=recompute_old_logprobs(cfg, device),
-        loss_options=dict(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
-                          dual_clip=cfg.algorithm.dual_clip, kl_coef=cfg.algorithm.kl_coef,
-                          kl_estimator=cfg.algorithm.kl_estimator, loss_agg=cfg.algorithm.loss_agg),
+        loss_options=PolicyLossOptions(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
+                                       dual_clip=cfg.algorithm.dual_clip, kl_coef=cfg.algorithm.kl_coef,
+                                       kl_estimator=cfg.algorithm.kl_estimator, loss_agg=cfg.algorithm.loss_agg),
     )
 
 
@@ -175,7 +192,12 @@ def run(cfg: Config, info) -> None:
                         extra={"guard": guard.state_dict()}, config_yaml=cfg.to_yaml(),
                         keep_last=cfg.trainer.keep_checkpoints)
 
-    engine = NativeEngine(model, cfg.rollout.max_total_tokens)
+    engine = NativeEngine(model, cfg.rollout.max_total_tokens, kv_cache_memory=cfg.rollout.kv_cache_memory,
+                          block_size=cfg.rollout.kv_block_size)
+    try:  # a KV budget that cannot hold one row stops the run now, in one line, not at the first rollout
+        engine.pool_blocks(1)
+    except KVBudgetError as err:
+        raise SetupError(str(err)) from None
     context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k, cfg.rollout.context_mode)
     expert = [trajectory_from_turns(side.tokenizer, e.prompt, [(t.model, t.information) for t in e.turns], context)
               for e in side.expert_trajectories] if start < cfg.sft.steps else []

@@ -1,4 +1,5 @@
-"""Random inputs for the loss tests: ragged packed batches of sequences with masks."""
+"""Random inputs for the loss tests (ragged packed batches with masks) and the float64 truth of
+the chunk epilogue."""
 from __future__ import annotations
 
 import torch
@@ -32,3 +33,25 @@ LOSS_OPTION_CASES = [
     dict(loss_agg="seq-mean-token-sum-norm", seq_norm_len=64, num_global_seqs=9),
     dict(loss_agg="seq-mean-token-mean", num_global_seqs=7, kl_coef=0.1),
 ]
+
+
+def epilogue_float64_truth(logits, targets, inv_t, g_lp, g_ent):
+    z = logits.double() * inv_t
+    logp_all = z.log_softmax(-1)
+    p = logp_all.exp()
+    lse = torch.logsumexp(z, -1)
+    mean_z = (p * z).sum(-1)
+    onehot = torch.nn.functional.one_hot(targets, z.shape[1]).double()
+    grad = (g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (z - mean_z[:, None])) * inv_t
+    return lse, z.gather(1, targets[:, None]).squeeze(1), mean_z, grad
+
+
+def assert_within_low_precision_error(out, ref, pt, *, factor: float = 2.0, atol: float = 1e-5, name: str = "") -> None:
+    """flash-attention's bound for low-precision outputs: max|out - ref| <= factor * max|pt - ref|
+    + atol, where ref is the float64 truth and pt is plain PyTorch's answer from the same
+    low-precision inputs (what a user would compute). A fixed atol would either hide a real bug
+    at small magnitudes or fail on rounding PyTorch makes too."""
+    err = (out.double() - ref).abs().max().item()
+    pt_err = (pt.double() - ref).abs().max().item()
+    assert err <= factor * pt_err + atol, (f"{name}: max error {err:.3g} exceeds {factor} x PyTorch's own "
+                                           f"low-precision error {pt_err:.3g} + {atol}")

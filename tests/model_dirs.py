@@ -7,9 +7,13 @@ from pathlib import Path
 
 import torch
 
+from mempo.config import ModelConfig
 from mempo.envs.tokenizer import CHAT_MARKERS
 
 END_OF_TURN = CHAT_MARKERS[1]
+# a 2-layer Qwen2 small enough for any test
+TINY_MODEL = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                         max_position=64)
 
 
 @functools.lru_cache(maxsize=4)

@@ -6,6 +6,8 @@ import functools
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from mempo.reference.visibility import visible_keys
+
 
 @functools.lru_cache(maxsize=1)
 def tiny_world():
@@ -28,7 +30,7 @@ def tiny_model(vocab_size: int, seed: int = 0, init_std: float = 0.2, num_heads:
 
 def dense_visibility_logprobs(model, traj, causal: bool = False) -> torch.Tensor:
     """Per-token log-probs [L-1] of one trajectory from a forward with a dense [L, L]
-    boolean mask built from `traj.visible_keys` (or plain causal): the slow reference."""
+    boolean mask built from `mempo.reference.visibility.visible_keys` (or plain causal): the slow reference."""
     L = len(traj)
     ids = torch.tensor([traj.token_ids])
     mask = torch.zeros(L, L, dtype=torch.bool)
@@ -36,7 +38,7 @@ def dense_visibility_logprobs(model, traj, causal: bool = False) -> torch.Tensor
         if causal:
             mask[q, : q + 1] = True
         else:
-            mask[q, traj.visible_keys(q)] = True
+            mask[q, visible_keys(traj.segments, q)] = True
     with torch.no_grad():
         out = model(ids, position_ids=torch.arange(L)[None], attention_mask=mask[None, None])
     return out.logits[0, :-1].float().log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)

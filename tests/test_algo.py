@@ -14,7 +14,8 @@ def test_trajectory_advantages_hand_case():
     std0 = math.sqrt(((0.5**2) * 4) / 3)  # unbiased
     torch.testing.assert_close(a[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std0)
     assert torch.all(a[4:] == 0)  # tie, and a group of one
-    torch.testing.assert_close(trajectory_advantages(r, g, scale_by_std=False)[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    unscaled = trajectory_advantages(r, g, scale_by_std=False)
+    torch.testing.assert_close(unscaled[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]))
 
 
 def test_trajectory_advantages_match_loop(seed):
@@ -56,4 +57,5 @@ def test_answer_probability_is_geometric_mean():
 
 def test_empty_inputs():
     assert trajectory_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long)).numel() == 0
-    assert memory_advantages(torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)).numel() == 0
+    no_ids = torch.zeros(0, dtype=torch.long)
+    assert memory_advantages(torch.zeros(0), no_ids, no_ids).numel() == 0

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mempo.ops.segment_layout import SegmentLayout
 from mempo.reference.logprobs import linear_policy_loss_reference, logprobs_reference
-from mempo.segment_layout import SegmentLayout
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 

@@ -9,7 +9,7 @@ import mempo.ops as ops
 from mempo.config import ConfigError, parse_args
 from mempo.ops import Segment, SegmentLayout, segment_attention
 from mempo.reference.attention import segment_attention_reference
-from mempo.rollout.kv_cache import RolloutKVCache
+from mempo.rollout.kv_cache import PagedKVCache
 
 
 def test_from_tables_accepts_bool_or_0_1_only():
@@ -78,7 +78,7 @@ def test_policy_loss_ignores_nonfinite_masked_tokens_and_nonfinite_options(seed)
 
 @pytest.mark.parametrize("temperature, scale", [(1e-10, 0.1), (0.7, 2e9), (1.0, 3e9)])
 def test_native_epilogue_extreme_logits_over_temperature(temperature, scale):
-    from mempo.ops.epilogue_backends import available_backends, epilogue_stats
+    from mempo.ops.epilogue import available_backends, epilogue_stats
 
     if "native" not in available_backends(torch.device("cpu")):
         pytest.skip("mempo._C is not built")
@@ -94,18 +94,18 @@ def test_native_epilogue_extreme_logits_over_temperature(temperature, scale):
 
 
 def test_kv_cache_rejects_bad_drops_without_changing_state():
-    cache = RolloutKVCache(num_layers=1, batch=2, kv_heads=1, head_dim=4, capacity=16, dtype=torch.float32,
-                           device=torch.device("cpu"))
-    for row in (0, 1):
+    cache = PagedKVCache(1, 1, 4, num_blocks=8, block_size=4, max_rows=2, max_row_tokens=16, dtype=torch.float32,
+                         device=torch.device("cpu"))
+    for row in (cache.acquire_row(), cache.acquire_row()):
         cache.reserve(row, 0, 8)
-    cache.buffer.copy_(torch.arange(cache.buffer.numel(), dtype=torch.float32).view_as(cache.buffer))
-    before = (cache.buffer.clone(), list(cache.lengths), [list(r) for r in cache.slot_ranges])
-    for drops, message in (({2: [(0, 2)]}, "row 2 is not a row"), ({0: [(-3, 2)]}, "0 <= start <= end"),
+    cache.pool.copy_(torch.arange(cache.pool.numel(), dtype=torch.float32).view_as(cache.pool))
+    before = (cache.pool.clone(), list(cache.lengths), [list(r) for r in cache.slot_ranges], list(cache.free))
+    for drops, message in (({2: [(0, 2)]}, "row 2 is not a live row"), ({0: [(-3, 2)]}, "0 <= start <= end"),
                            ({0: [(4, 2)]}, "0 <= start <= end"), ({-1: [(0, 1)]}, "row -1")):
         with pytest.raises(ValueError, match=message):
             cache.evict_tokens({1: [(0, 1)], **drops})
-        assert torch.equal(cache.buffer, before[0]) and cache.lengths == before[1]
-        assert cache.slot_ranges == before[2]
+        assert torch.equal(cache.pool, before[0]) and cache.lengths == before[1]
+        assert cache.slot_ranges == before[2] and cache.free == before[3]
     cache.evict_tokens({0: [(2, 4)]})
     assert cache.lengths == [6, 8] and cache.slot_ranges[0] == [(0, 2), (4, 8)]
 

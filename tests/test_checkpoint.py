@@ -1,5 +1,4 @@
-"""Trainer infrastructure: FSDP2 sharding, DCP checkpoints, resume, crash safety, HF export,
-plus the model builder, LR schedule, non-finite step guard and run logger.
+"""mempo.checkpoint: DCP checkpoints under FSDP2, resume, crash safety, integrity, HF export.
 
 The distributed tests launch tests/dist_scripts/fsdp_train_resume.py under
 `torchrun --standalone --nproc_per_node 2` (gloo on the CPU; --standalone picks a free port).
@@ -7,7 +6,6 @@ The distributed tests launch tests/dist_scripts/fsdp_train_resume.py under
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,20 +13,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_dirs import TINY_MODEL
 
-from mempo.checkpoint import (CRASH_ENV, CheckpointError, export_hf, find_latest, load_checkpoint,
-                              resolve_resume, save_checkpoint)
-from mempo.config import LoggingConfig, ModelConfig, OptimizerConfig
-from mempo.distributed import shard_for_rank, shard_model
-from mempo.model_builder import ModelLoadError, build_model, load_pretrained
-from mempo.optim import build_lr_scheduler, build_optimizer, lr_multiplier
-from mempo.run_log import METRICS_FILE, RunLogger
-from mempo.step_guard import NonFiniteError, NonFiniteStepGuard
+from mempo.checkpoint import (
+    CRASH_ENV,
+    CheckpointError,
+    export_hf,
+    find_latest,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
+from mempo.config import OptimizerConfig
+from mempo.models.builder import build_model, load_pretrained
+from mempo.optim import build_lr_scheduler, build_optimizer
 
 SCRIPT = Path(__file__).parent / "dist_scripts" / "fsdp_train_resume.py"
 REPO = Path(__file__).resolve().parents[1]
-TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
-                   max_position=64)
 
 
 def launch(args: list[str], *, nproc: int | None = 2, env: dict | None = None,
@@ -121,7 +122,7 @@ def test_keeps_last_checkpoints(uninterrupted):
 # ----------------------------------------------------------------------------- in process
 
 def _model_and_optimizer(seed: int):
-    model = build_model(TINY, 64, seed=seed)
+    model = build_model(TINY_MODEL, 64, seed=seed)
     optimizer = build_optimizer(model, OptimizerConfig(lr=1e-2))
     scheduler = build_lr_scheduler(optimizer, 10, warmup_steps=3)
     return model, optimizer, scheduler
@@ -189,101 +190,16 @@ def test_find_latest_ignores_partial_and_stale_pointer(tmp_path):
         ["step_000002", "step_000003.tmp", "step_000004"]
 
 
-def test_activation_checkpointing_same_gradients(seed):
-    plain, checkpointed = build_model(TINY, 64, seed=seed), build_model(TINY, 64, seed=seed)
-    shard_model(checkpointed, activation_checkpointing=True)  # no process group: no sharding
-    ids = torch.randint(0, 64, (2, 10))
-    for model in (plain, checkpointed):
-        model.train()
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name)
-    assert list(plain.state_dict()) == list(checkpointed.state_dict())
-
-
-def test_shard_for_rank_partitions():
-    items = list(range(10))
-    shards = [shard_for_rank(items, r, 4) for r in range(4)]
-    assert [len(s) for s in shards] == [3, 3, 2, 2]
-    assert sum(shards, []) == items
-    assert shard_for_rank(items[:1], 1, 2) == []
-    with pytest.raises(ValueError, match="rank"):
-        shard_for_rank(items, 2, 2)
-
-
-def test_build_model_from_config_and_path_errors(tmp_path):
-    model = build_model(TINY, 100, seed=0)
-    cfg = model.config
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.vocab_size) == (32, 2, 1, 100)
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert torch.equal(build_model(TINY, 100, seed=0).lm_head.weight, model.lm_head.weight)
-    with pytest.raises(ModelLoadError, match=str(tmp_path / "nope")):
-        build_model(ModelConfig(path=str(tmp_path / "nope")))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="config.json"):
-        load_pretrained(str(tmp_path / "empty"))
-    export_dir = tmp_path / "export"
-    export_hf(model, None, export_dir)
-    (export_dir / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ModelLoadError, match=str(export_dir)):
-        load_pretrained(str(export_dir))
-
-
 def test_export_of_a_wrapped_model(tmp_path):
     """The trainer's policy wraps the HF model (FusedPolicy.lm): the export strips the prefix."""
     from mempo.training.fused_policy import FusedPolicy
 
-    inner = build_model(TINY, 64, seed=0)
+    inner = build_model(TINY_MODEL, 64, seed=0)
     out = export_hf(FusedPolicy(inner), None, tmp_path / "hf", dtype=torch.bfloat16)
     loaded = load_pretrained(str(out))
     assert inner.config.dtype != torch.bfloat16  # the live config is not touched
     for (name, a), b in zip(inner.state_dict().items(), loaded.state_dict().values()):
         torch.testing.assert_close(a.to(torch.bfloat16).float(), b, msg=name)
-
-
-def test_lr_schedule():
-    assert [lr_multiplier(s, 4, 20) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert lr_multiplier(4, 4, 20, "cosine") == 1.0
-    assert lr_multiplier(20, 4, 20, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
-    assert lr_multiplier(12, 4, 20, "cosine") == pytest.approx(0.5)
-
-
-def test_step_guard_skips_then_stops():
-    guard = NonFiniteStepGuard(max_bad_steps=3)
-    assert guard.should_step(1, 0.5, 1.0)
-    with pytest.warns(RuntimeWarning, match="skipping"):
-        assert not guard.should_step(2, math.nan, 1.0)
-    with pytest.warns(RuntimeWarning):
-        assert not guard.should_step(3, 0.5, math.inf)
-    assert guard.should_step(4, 0.5, 1.0)  # a good step resets the count
-    with pytest.warns(RuntimeWarning):
-        guard.should_step(5, math.nan, 1.0)
-        guard.should_step(6, math.nan, 1.0)
-    with pytest.raises(NonFiniteError, match="3 steps in a row"):
-        guard.should_step(7, math.nan, math.nan)
-    assert guard.total_skipped == 5
-
-
-def test_run_logger_jsonl_resume_and_missing_backends(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # "not installed"
-    cfg = LoggingConfig(progress_bar=True, wandb=True)
-    with RunLogger(tmp_path, cfg) as log:
-        log.progress(total=3)
-        log.log(0, {"loss": 2.0}, phase="sft")
-        for step in (1, 2, 3):
-            log.log(step, {"reward/mean": 0.1 * step, "grad_norm": torch.tensor(1.5), "kl": float("nan")})
-    assert "wandb is not installed" in capsys.readouterr().out
-    lines = records(tmp_path / METRICS_FILE)
-    assert [(r["phase"], r["step"]) for r in lines] == [("sft", 0), ("rl", 1), ("rl", 2), ("rl", 3)]
-    assert lines[1]["grad_norm"] == 1.5 and math.isnan(lines[1]["kl"])
-    with RunLogger(tmp_path, LoggingConfig(progress_bar=False), resume_step=1) as log:  # resumed at step 1
-        log.log(2, {"reward/mean": 0.5})
-    kept = [(r["phase"], r["step"]) for r in records(tmp_path / METRICS_FILE)]
-    assert kept == [("sft", 0), ("rl", 1), ("rl", 2)]
-    silent = RunLogger(tmp_path / "other_rank", cfg, enabled=False)
-    silent.log(1, {"loss": 1.0})
-    silent.close()
-    assert not (tmp_path / "other_rank").exists()
 
 
 def _flip(path, offset_fraction=0.5, size=4096):

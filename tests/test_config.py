@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from mempo.config import (KL_ESTIMATORS, LOSS_AGGREGATIONS, SECTIONS, Config, ConfigError, config_from_yaml,
-                          help_text, parse_args)
+from mempo.config import (
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    config_from_yaml,
+    help_text,
+    parse_args,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -145,7 +153,8 @@ def test_help_lists_every_field_with_default_and_doc():
 
 
 def test_choices_mirror_the_loss_options():
-    from mempo.ops.loss_options import KL_ESTIMATORS as OPS_KL, LOSS_AGGREGATIONS as OPS_AGG
+    from mempo.ops.policy_loss import KL_ESTIMATORS as OPS_KL
+    from mempo.ops.policy_loss import LOSS_AGGREGATIONS as OPS_AGG
     from mempo.rollout.context_policy import POLICIES
 
     assert LOSS_AGGREGATIONS == OPS_AGG and KL_ESTIMATORS == OPS_KL
@@ -169,9 +178,11 @@ def test_own_data_combinations_that_cannot_work_are_config_errors(tmp_path):
         (files + model + ["--sft.steps", "0"], r"env.corpus_path must be a JSONL corpus for search=bm25"),
         (["--env.corpus_path", str(tasks), "--sft.steps", "0"] + model, r"env.train_tasks_path must be a task file"),
         (files + ["--env.corpus_path", str(tasks), "--sft.steps", "0"], r"model.path must be a local model directory"),
-        (files + model + ["--env.corpus_path", str(tasks)], r"sft.data_path must be a demonstrations file for sft.steps=350"),
+        (files + model + ["--env.corpus_path", str(tasks)],
+         r"sft.data_path must be a demonstrations file for sft.steps=300"),
         (["--env.search_url", "http://h:1/retrieve"], r"env.search_url must be None unless env.search is 'http'"),
-        (["--env.search", "http", "--env.search_url", "h:1/retrieve"], r"env.search_url must be an http:// or https:// URL"),
+        (["--env.search", "http", "--env.search_url", "h:1/retrieve"],
+         r"env.search_url must be an http:// or https:// URL"),
         (["--env.search", "http", "--env.search_url", "http://h:1/r", "--env.corpus_path", str(tasks)],
          r"env.corpus_path must be None when env.search is 'http'"),
         (["--sft.data_path", str(tmp_path / "none.jsonl")], r"sft.data_path must be a readable file"),
@@ -236,12 +247,14 @@ def _config_reads() -> set[tuple[str, str]]:
 
 def test_every_config_field_is_read_by_the_code():
     reads = _config_reads()
-    unread = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls) if (s, f.name) not in reads]
+    unread = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+              if (s, f.name) not in reads]
     assert not unread, f"config fields that nothing reads (wire them or remove them): {unread}"
 
 
 def test_every_yaml_and_readme_option_is_a_field():
     import re
+
     import yaml
 
     known = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}

@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from mempo.config import LoggingConfig
 from mempo.run_log import RunLogger
 
@@ -36,7 +34,8 @@ def test_config_mistake_prints_once_under_torchrun():
 
 def test_ctrl_c_prints_one_line_and_points_at_the_checkpoint(tmp_path):
     cmd = [sys.executable, "-m", "mempo.train", "--model.hidden_size", "32", "--model.intermediate_size", "64",
-           "--model.num_layers", "1", "--sft.steps", "100000", "--sft.batch_size", "2", "--trainer.run_dir", str(tmp_path),
+           "--model.num_layers", "1", "--sft.steps", "100000", "--sft.batch_size", "2",
+           "--trainer.run_dir", str(tmp_path),
            "--logging.progress_bar", "false"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -54,7 +53,8 @@ def test_ctrl_c_prints_one_line_and_points_at_the_checkpoint(tmp_path):
 def test_help_lists_the_choices():
     proc = subprocess.run([sys.executable, "-m", "mempo.train", "--help"], capture_output=True, text=True, timeout=60)
     assert "--rollout.engine (default: 'native') one of: native | vllm" in proc.stdout
-    assert "--algorithm.loss_agg (default: 'seq-mean-token-mean') one of: token-mean | seq-mean-token-mean" in proc.stdout
+    assert ("--algorithm.loss_agg (default: 'seq-mean-token-mean') one of: token-mean | seq-mean-token-mean"
+            in proc.stdout)
 
 
 def test_eval_table_and_two_phase_eta(tmp_path, capsys):

@@ -1,12 +1,12 @@
 """Rollout diagnostics: memory contents and log-prob drift by span kind."""
 import pytest
 import torch
+from rollout_fixtures import tiny_world
 
-import mempo.training.rl_step as rl_step_module
+import mempo.rollout.agent_loop as agent_loop  # NativeEngine.rollout calls agent_loop.run_rollout
 from mempo.envs import DEFAULT_TAGS
 from mempo.rollout import ContextPolicy, trajectory_from_turns
-from mempo.training.diagnostics import drift_by_kind, memory_stats, token_kinds
-from rollout_fixtures import tiny_world
+from mempo.training.diagnostics import drift_by_kind, final_memory_recall, memory_stats, token_kinds
 
 
 def _traj(turns):
@@ -49,15 +49,31 @@ def test_memory_stats_gold_recall_length_and_dropped():
     assert stats["dropped"] == [0.0, float(dropped)]
 
 
+def test_final_memory_recall_reads_the_last_memory_only():
+    world, tok = tiny_world()
+    task = world.tasks("train", 2)[0]
+    prompt = world.env().prompt(task)
+    first, second = (a[0] for a in task.answers)
+    info = "<information>x</information>"
+    # objective 1's answer is in the first memory only (then forgotten), objective 2's in the last
+    turns = [("<mem></mem><search>q</search>", info), (f"<mem>it is {first}.</mem><search>q</search>", info),
+             (f"<mem>it is {second}.</mem><answer>a; b</answer>", None)]
+    traj = trajectory_from_turns(tok, prompt, turns, ContextPolicy("mempo"))
+    empty = trajectory_from_turns(tok, prompt, [("<answer>a; b</answer>", None)], ContextPolicy("mempo"))
+    assert final_memory_recall([traj, empty], [task, task], tok, DEFAULT_TAGS) == [0.5, 0.0]
+    assert memory_stats([traj], [task], tok, DEFAULT_TAGS)["gold_recall"] == [0.0, 0.5, 0.5]
+
+
 def test_rl_step_logs_memory_diagnostics_and_drift(monkeypatch):
-    from mempo.rollout import NativeEngine, SamplingParams
-    from mempo.training.fused_policy import FusedPolicy
-    from mempo.training.rl_step import RLStepOptions, rl_step
     from rollout_fixtures import tiny_model
     from test_rl_step import _forced_rollout
 
+    from mempo.rollout import NativeEngine, SamplingParams
+    from mempo.training.fused_policy import FusedPolicy
+    from mempo.training.rl_step import RLStepOptions, rl_step
+
     world, tok = tiny_world()
-    monkeypatch.setattr(rl_step_module, "run_rollout", _forced_rollout(world))
+    monkeypatch.setattr(agent_loop, "run_rollout", _forced_rollout(world))
     model = tiny_model(len(tok), seed=7, init_std=0.02)
     opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1), micro_batch_tokens=400,
                          recompute_old_logprobs=True)

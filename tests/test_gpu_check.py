@@ -13,7 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 STEPS = ["environment", "wheels", "install", "build-ext", "loss", "attention", "pytest-gpu", "kv-evict",
-         "rollout", "loss-agent"]
+         "rollout", "rollout-decode", "loss-agent"]
 
 
 def _module():
@@ -117,7 +117,7 @@ def test_smoke_run_goes_through_every_benchmark(tmp_path):
     assert {r["method"] for r in results["loss"]["rows"]} >= {"naive", "naive-ref", "mempo/torch"}
     assert results["pytest-gpu"]["skipped"] > 0 and results["pytest-gpu"]["failures"] == 0  # gpu tests skip here
     md = (out / "gpu_check.md").read_text()
-    for section in ("loss", "attention", "pytest-gpu", "kv-evict", "rollout", "loss-agent"):
+    for section in ("loss", "attention", "pytest-gpu", "kv-evict", "rollout", "rollout-decode", "loss-agent"):
         assert f"#### {section}: `python benchmarks/" in md or f"#### {section}: `python -m pytest" in md, section
     assert "| naive (full logits, log_softmax, gather, clipped loss) |" in md
     assert "causal varlen (sdpa per sequence)" in md

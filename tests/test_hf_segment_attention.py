@@ -4,11 +4,11 @@ cache from which dropped segments were evicted, at the original positions."""
 import numpy as np
 import pytest
 import torch
+from layout_cases import random_trajectory
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mempo.models.hf_attention import register_segment_attention
-from mempo.segment_layout import SegmentLayout
-from test_segment_layout import random_trajectory
+from mempo.ops.segment_layout import SegmentLayout
 
 VOCAB = 101
 

@@ -50,12 +50,13 @@ def test_errors_name_the_argument():
 
 def _traj_with_turns():
     """A trajectory: prompt (4), turn 1 memory (3) + action (2), information (3), turn 2 action (4)."""
-    from mempo.rollout import Trajectory, TrajectorySegment
+    from mempo.ops import Segment
+    from mempo.rollout import Trajectory
 
     traj = Trajectory(task_index=0, group_index=0, token_ids=list(range(16)))
-    traj.segments = [TrajectorySegment("prompt", 0, 0, 4), TrajectorySegment("memory", 1, 4, 7),
-                     TrajectorySegment("action", 1, 7, 9), TrajectorySegment("information", 1, 9, 12),
-                     TrajectorySegment("action", 2, 12, 16)]
+    traj.segments = [Segment("prompt", 0, 0, 4), Segment("memory", 1, 4, 7),
+                     Segment("action", 1, 7, 9), Segment("information", 1, 9, 12),
+                     Segment("action", 2, 12, 16)]
     traj.loss_mask = [False] * 4 + [True] * 5 + [False] * 3 + [True] * 4
     return traj
 

@@ -8,8 +8,9 @@ pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 from model_dirs import save_chat_model  # noqa: E402
-from mempo.integrations.trl import MemPOGRPOTrainer, grpo_loss_options  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from mempo.integrations.trl import MemPOGRPOTrainer, grpo_loss_options  # noqa: E402
 
 
 @pytest.fixture(scope="module")

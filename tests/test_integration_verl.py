@@ -9,9 +9,10 @@ import torch
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 
+from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
+
 import mempo.ops as ops  # noqa: E402
 from mempo.integrations import verl as mempo_verl  # noqa: E402
-from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 
 VERL_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 CLIPS = [(0.2, 0.2, 3.0), (0.1, 0.28, 1.5)]  # clip_ratio_low, clip_ratio_high, clip_ratio_c (dual clip)

@@ -1,12 +1,11 @@
-"""evict_segments (mempo._C on CPU and CUDA) against the gather-and-copy reference in
-mempo/reference/kv_evict.py: ragged shapes, overlapping moves, padding, edge cases, errors."""
+"""evict_segments (mempo._C on CPU and CUDA, the PyTorch fallback) against the token-by-token
+reference in mempo/reference/kv_evict.py: ragged shapes, overlapping moves, padding, edge cases, errors."""
 import pytest
 import torch
 
 from mempo import _native
 from mempo.ops import kv_evict
 from mempo.ops.kv_evict import evict_segments
-from mempo.reference import kv_evict as reference
 from mempo.reference.kv_evict import evict_segments as evict_reference
 
 native = _native.native_ops()
@@ -49,7 +48,7 @@ def check_against_reference(cache, ranges, evict=evict_segments):
         # backend: nothing at or past the new length is written.
         assert torch.equal(planes[:, b, :, n:], before.view_as(planes)[:, b, :, n:])
     # Direct statement of the contract for the first sequence: its kept tokens, in order.
-    index = reference.kept_token_index(ranges.cpu())[0].to(cache.device)
+    index = kv_evict.kept_token_index(ranges.cpu())[0].to(cache.device)
     assert torch.equal(planes[:, 0, :, : index.numel()], before.view_as(planes)[:, 0].index_select(2, index))
 
 
@@ -138,11 +137,11 @@ def test_native_op_checks_its_own_inputs():
 
 
 def test_fallback_when_disabled(seed, monkeypatch):
-    """MEMPO_DISABLE_EXT=1: the reference runs (and gives the same answer)."""
+    """MEMPO_DISABLE_EXT=1: the PyTorch fallback runs (and gives the reference's answer)."""
     monkeypatch.setenv("MEMPO_DISABLE_EXT", "1")
     calls = []
-    monkeypatch.setattr(kv_evict.reference, "evict_segments",
-                        lambda c, r: calls.append(1) or evict_reference(c, r))
+    fallback = kv_evict._evict_torch
+    monkeypatch.setattr(kv_evict, "_evict_torch", lambda c, r: calls.append(1) or fallback(c, r))
     cache = make_cache((2, 3, 2, 40, 8), torch.bfloat16)
     check_against_reference(cache, random_keep_ranges(3, 4, 40))
     assert calls == [1]
@@ -150,7 +149,7 @@ def test_fallback_when_disabled(seed, monkeypatch):
 
 @needs_native
 def test_native_path_is_taken(monkeypatch):
-    monkeypatch.setattr(kv_evict.reference, "evict_segments", None)  # would fail if called
+    monkeypatch.setattr(kv_evict, "_evict_torch", None)  # would fail if called
     cache = make_cache((1, 1, 1, 10, 2), torch.float32)
     assert evict_segments(cache, torch.tensor([[[2, 5]]])).tolist() == [3]
 

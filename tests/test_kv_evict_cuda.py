@@ -2,7 +2,8 @@
 mempo.ops.kv_evict.evict_segments) on a GPU: it must be built (a GPU check that silently ran
 the PyTorch fallback would prove nothing) and match the gather-and-copy reference on a
 rollout-sized cache with MemPO-like, ragged keep ranges (the contract as the reference states
-it: each row's kept tokens in order, `kept_token_index`; nothing past the new length written).
+it: each row's kept tokens in order, as mempo.reference.kv_evict writes them; nothing past the new
+length written).
 The same checks run on the CPU through the C++ path at small shapes."""
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from mempo import _native
 from mempo.ops import kv_evict
 from mempo.ops.kv_evict import evict_segments
-from mempo.reference.kv_evict import kept_token_index
+from mempo.reference.kv_evict import evict_segments as evict_reference
 
 
 def mempo_keep_ranges(batch: int, t_max: int, prompt: int, generator: torch.Generator):
@@ -34,15 +35,15 @@ def check_eviction(device: str, planes: int, batch: int, heads: int, t_max: int,
     before = cache.clone()
     got_len = evict_segments(cache, ranges.to(device), lengths.to(device))
     assert torch.equal(got_len.cpu(), (ranges[..., 1] - ranges[..., 0]).sum(-1))
-    for b, index in enumerate(kept_token_index(ranges)):
-        n = index.numel()
-        assert torch.equal(cache[:, b, :, :n], before[:, b].index_select(2, index.to(device))), f"sequence {b}"
+    want = before.cpu().clone()
+    for b, n in enumerate(evict_reference(want, ranges).tolist()):
+        assert torch.equal(cache[:, b, :, :n].cpu(), want[:, b, :, :n]), f"sequence {b}"
         assert torch.equal(cache[:, b, :, n:], before[:, b, :, n:]), f"sequence {b} wrote past its new length"
 
 
 @pytest.mark.skipif(_native.native_ops() is None, reason="mempo._C unavailable")
 def test_cpu_native_eviction_mempo_ranges(seed, monkeypatch):
-    monkeypatch.setattr(kv_evict.reference, "evict_segments", None)  # the C++ path must run
+    monkeypatch.setattr(kv_evict, "_evict_torch", None)  # the C++ path must run
     check_eviction("cpu", planes=4, batch=3, heads=2, t_max=200, dim=24, dtype=torch.bfloat16)
 
 
@@ -63,5 +64,5 @@ def test_cuda_kernel_rollout_sized_cache(seed, monkeypatch, dtype, heads, dim):
     ops = _native.native_ops()
     if ops is None or not ops.has_cuda:
         pytest.fail("mempo._C with CUDA is not built (see test_cuda_kernel_is_built)")
-    monkeypatch.setattr(kv_evict.reference, "evict_segments", None)  # a fallback would raise here
+    monkeypatch.setattr(kv_evict, "_evict_torch", None)  # a fallback would raise here
     check_eviction("cuda", planes=56, batch=16, heads=heads, t_max=4096, dim=dim, dtype=dtype)

@@ -1,9 +1,9 @@
 """linear_policy_loss (one pass: dX, dW in forward) vs the naive full-logits pipeline."""
 import pytest
 import torch
-
 from backends import cpu_backends
-from loss_cases import LOSS_OPTION_CASES, random_batch
+from loss_cases import LOSS_OPTION_CASES, assert_within_low_precision_error, random_batch
+
 from mempo.ops import MemPOAdvantages, linear_policy_loss, policy_loss
 from mempo.reference.logprobs import linear_policy_loss_reference, logprobs_reference
 
@@ -80,7 +80,8 @@ def test_compact_advantages_equal_per_token(seed):
     traj_adv, mem_adv = torch.randn(4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     segment_index = torch.where(torch.rand(60) < 0.4, torch.randint(0, 5, (60,)), -1)
     compact = MemPOAdvantages(traj_adv, b["seq_index"], mem_adv, segment_index, mem_coef=0.5)
-    per_token = traj_adv[b["seq_index"]] + torch.where(segment_index >= 0, 0.5 * mem_adv[segment_index.clamp(min=0)], 0.0)
+    memory_part = torch.where(segment_index >= 0, 0.5 * mem_adv[segment_index.clamp(min=0)], 0.0)
+    per_token = traj_adv[b["seq_index"]] + memory_part
     l1, _ = linear_policy_loss(hidden, weight, targets, b["old"], compact, b["mask"])
     g1 = torch.autograd.grad(l1, [hidden, weight])
     l2, _ = linear_policy_loss(hidden, weight, targets, b["old"], per_token, b["mask"], seq_index=b["seq_index"])
@@ -97,15 +98,19 @@ def test_bfloat16_grads_and_native_dw_accumulation(seed, backend):
     w64 = weight.detach().double().requires_grad_()
     expected = linear_policy_loss_reference(h64, w64, targets, b["old"], b["adv"], b["mask"], b["seq_index"])
     g_ref = torch.autograd.grad(expected, [h64, w64])
+    h16, w16 = hidden.detach().requires_grad_(), weight.detach().requires_grad_()  # plain PyTorch in bf16
+    pt = linear_policy_loss_reference(h16, w16, targets, b["old"].float(), b["adv"].float(), b["mask"], b["seq_index"])
+    g_pt = torch.autograd.grad(pt, [h16, w16])
     for fp32_acc in (True, False):
         loss, _ = linear_policy_loss(hidden, weight, targets, b["old"].float(), b["adv"].float(), b["mask"],
                                      seq_index=b["seq_index"], chunk_rows=16, backend=backend,
                                      weight_grad_fp32=fp32_acc)
         gx, gw = torch.autograd.grad(loss, [hidden, weight])
         assert gx.dtype == gw.dtype == torch.bfloat16
-        torch.testing.assert_close(loss.double(), expected.detach(), rtol=0.02, atol=2e-3)
-        scale = g_ref[1].abs().max()
-        torch.testing.assert_close(gw.double() / scale, g_ref[1] / scale, rtol=0, atol=0.03)
+        # a scalar: rounding errors may cancel in PyTorch's sum by luck, so a small absolute floor
+        assert_within_low_precision_error(loss, expected.detach(), pt.detach(), atol=1e-3, name="loss")
+        for name, got, want, plain in (("dX", gx, g_ref[0], g_pt[0]), ("dW", gw, g_ref[1], g_pt[1])):
+            assert_within_low_precision_error(got, want, plain, name=f"{name} (fp32 dW: {fp32_acc})")
 
 
 def test_grad_output_scales_and_no_grad_skips_gemms(seed):
@@ -117,7 +122,8 @@ def test_grad_output_scales_and_no_grad_skips_gemms(seed):
     for a, c in zip(g1, g2):
         torch.testing.assert_close(a, 3.0 * c)
     with torch.no_grad():
-        loss_ng, _ = linear_policy_loss(hidden, weight, targets, b["old"], b["adv"], b["mask"], seq_index=b["seq_index"])
+        loss_ng, _ = linear_policy_loss(hidden, weight, targets, b["old"], b["adv"], b["mask"],
+                                        seq_index=b["seq_index"])
     torch.testing.assert_close(loss_ng, loss.detach())
 
 

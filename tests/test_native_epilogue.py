@@ -1,4 +1,4 @@
-"""mempo._C.row_stats / write_logit_grad_ (C++/OpenMP) against mempo/ops/chunk_epilogue.py
+"""mempo._C.row_stats / write_logit_grad_ (C++/OpenMP) against mempo/ops/epilogue.py
 and float64; plus the loader mempo._native (fallback, MEMPO_DISABLE_EXT, one warning)."""
 import os
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mempo._native import native_error, native_ops
-from mempo.ops import chunk_epilogue
+from mempo.ops import epilogue as chunk_epilogue
 
 native = native_ops()
 needs_native = pytest.mark.skipif(native is None, reason=f"mempo._C unavailable: {native_error()}")

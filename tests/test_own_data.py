@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from model_dirs import END_OF_TURN, chat_tokenizer, save_chat_model
+from rollout_fixtures import tiny_model, tiny_world
 
 from mempo.config import parse_args
 from mempo.envs.demonstrations import load_demonstrations
@@ -11,11 +13,9 @@ from mempo.envs.export_tiny_world import write_demonstrations
 from mempo.envs.prompts import chat_template_prompt
 from mempo.ops import linear_logprobs
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns
+from mempo.training.fused_policy import packed_hidden
 from mempo.training.packed_batch import pack_trajectories
-from mempo.training.policy_forward import packed_hidden
 from mempo.training.task_side import SetupError, build_task_side
-from model_dirs import END_OF_TURN, chat_tokenizer, save_chat_model
-from rollout_fixtures import tiny_model, tiny_world
 
 
 def test_chat_prompt_rollout_equals_training_and_template_ids(tmp_path):
@@ -112,7 +112,8 @@ def _files(tmp_path):
     world.write_tasks(tmp_path / "train.jsonl", "train")
     world.write_tasks(tmp_path / "heldout.jsonl", "heldout")
     write_demonstrations(world, tmp_path / "demos.jsonl", [1])
-    return ["--env.corpus_path", str(tmp_path / "corpus.jsonl"), "--env.train_tasks_path", str(tmp_path / "train.jsonl"),
+    return ["--env.corpus_path", str(tmp_path / "corpus.jsonl"),
+            "--env.train_tasks_path", str(tmp_path / "train.jsonl"),
             "--env.eval_tasks_path", str(tmp_path / "heldout.jsonl"), "--sft.data_path", str(tmp_path / "demos.jsonl")]
 
 
@@ -128,7 +129,8 @@ def test_task_side_from_files_uses_the_models_tokenizer_and_template(tmp_path):
     assert all(t.num_objectives == 3 for t in side.eval_sets[3])
     assert [t.num_objectives for t in side.train_tasks] == [1] * 240 + [2] * 240
     assert len(side.expert_trajectories) == 240 and side.expert_trajectories[0].prompt.startswith("<|im_start|>user")
-    plain = build_task_side(parse_args(_files(tmp_path) + ["--model.path", str(model_dir), "--env.prompt_format", "plain"]))
+    plain = build_task_side(parse_args(_files(tmp_path) + ["--model.path", str(model_dir),
+                                                           "--env.prompt_format", "plain"]))
     assert plain.prompt_format == "plain" and plain.expert_trajectories[0].prompt.startswith("Answer by searching")
 
 

@@ -1,16 +1,20 @@
 """Packing trajectories and probes: visibility, alignment, probes == separate forwards."""
 import torch
-
-from mempo.rollout import ContextPolicy, build_probes, trajectory_from_turns
-from mempo.training.memory_scores import memory_rewards_from_hidden, probe_probabilities
-from mempo.training.packed_batch import dense_visibility, pack_trajectories, split_by_token_budget
 from rollout_fixtures import tiny_model, tiny_world
 
+from mempo.algo import answer_probability, build_probes
+from mempo.ops import linear_logprobs
+from mempo.reference.visibility import visible_keys
+from mempo.rollout import ContextPolicy, trajectory_from_turns
+from mempo.training.fused_policy import FusedPolicy
+from mempo.training.packed_batch import pack_trajectories, split_by_token_budget
 
-def _expert_trajs(n=3, objectives=2, policy=ContextPolicy()):
+
+def _expert_trajs(n=3, objectives=2, policy=None):
     world, tok = tiny_world()
     tasks = world.tasks("train", num_objectives=objectives)[:n]
     experts = world.expert_trajectories(tasks)
+    policy = policy or ContextPolicy()
     trajs = [trajectory_from_turns(tok, e.prompt, [(t.model, t.information) for t in e.turns], policy)
              for e in experts]
     return world, tok, tasks, trajs
@@ -25,12 +29,12 @@ def _answer_ids(tok, task):
 def test_packed_visibility_equals_trajectory_rule():
     _, _, _, trajs = _expert_trajs()
     batch = pack_trajectories(trajs)
-    mask = dense_visibility(batch)
+    mask = batch.layout.dense_mask()
     offset = 0
     for traj in trajs:
         for q in range(len(traj)):
             expect = torch.zeros(batch.num_tokens, dtype=torch.bool)
-            expect[[offset + k for k in traj.visible_keys(q)]] = True
+            expect[[offset + k for k in visible_keys(traj.segments, q)]] = True
             assert torch.equal(mask[offset + q], expect)
         offset += len(traj)
 
@@ -64,8 +68,10 @@ def test_probes_equal_separate_forwards():
     batch = pack_trajectories(trajs, probes)
     with torch.no_grad():
         hidden = model.model(batch.input_ids[None], position_ids=batch.position_ids[None],
-                             attention_mask=dense_visibility(batch)[None, None]).last_hidden_state[0]
-    p = probe_probabilities(hidden, model.lm_head.weight, batch)
+                             attention_mask=batch.layout.dense_mask()[None, None]).last_hidden_state[0]
+    rows = batch.probe_rows
+    p = answer_probability(linear_logprobs(hidden[rows], model.lm_head.weight, batch.targets[rows]), batch.probe_index,
+                           len(batch.probes))
     i = 0
     for traj, traj_probes in zip(trajs, probes):
         for probe in traj_probes:
@@ -77,7 +83,7 @@ def test_probes_equal_separate_forwards():
                 ids = torch.cat([prefix.input_ids[:n], torch.tensor(probe.token_ids)])
                 pos = torch.cat([prefix.position_ids[:n], probe_pos])
                 mask = torch.ones(n + k, n + k, dtype=torch.bool).tril()
-                mask[:n, :n] = dense_visibility(prefix)[:n, :n]
+                mask[:n, :n] = prefix.layout.dense_mask()[:n, :n]
             else:
                 prompt = traj.segments[0]
                 n = prompt.end
@@ -89,7 +95,7 @@ def test_probes_equal_separate_forwards():
             lp = logits[start:-1].log_softmax(-1).gather(1, ids[start + 1:, None]).squeeze(1)
             torch.testing.assert_close(p[i], lp.double().mean().exp(), rtol=1e-5, atol=1e-9)
             i += 1
-    r = memory_rewards_from_hidden(hidden, model.lm_head.weight, batch)
+    r = FusedPolicy(model, attention="dense").memory_rewards(batch)
     assert r.shape == (batch.num_memories,) and torch.isfinite(r).all()
     torch.testing.assert_close(r[0], p[0] - p[1])
 
@@ -105,7 +111,7 @@ def test_split_by_token_budget():
 
 def test_segment_forward_equals_dense_mask_forward():
     """The per-sequence visibility path the trainer uses == the dense [L, L] reference."""
-    from mempo.training.policy_forward import packed_hidden
+    from mempo.training.fused_policy import packed_hidden
 
     _, tok, tasks, trajs = _expert_trajs(n=3)
     model = tiny_model(len(tok), seed=9)

@@ -1,8 +1,8 @@
 """policy_loss against the autograd reference (float64), all options, both advantage forms."""
 import pytest
 import torch
-
 from loss_cases import LOSS_OPTION_CASES, random_batch
+
 from mempo.ops import MemPOAdvantages, policy_loss
 from mempo.reference.logprobs import policy_loss_reference, token_advantages_reference
 
@@ -19,7 +19,8 @@ def test_matches_reference(seed, options, n):
     logp = b["logp"].clone().requires_grad_()
     loss, metrics = policy_loss(logp, b["old"], b["adv"], b["mask"], ref, seq_index=b["seq_index"], **options)
     logp_ref = b["logp"].clone().requires_grad_()
-    expected = policy_loss_reference(logp_ref, b["old"], b["adv"], b["mask"], b["seq_index"], ref, **_ref_kwargs(options))
+    expected = policy_loss_reference(logp_ref, b["old"], b["adv"], b["mask"], b["seq_index"], ref,
+                                     **_ref_kwargs(options))
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-10, atol=1e-12)
     (g,) = torch.autograd.grad(loss, logp)
     (g_ref,) = torch.autograd.grad(expected, logp_ref) if expected.requires_grad else (torch.zeros_like(logp_ref),)

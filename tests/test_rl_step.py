@@ -1,13 +1,16 @@
 """One MemPO step end to end in one process: rollout, probes, advantages, update."""
 import math
+
 import pytest
 import torch
+from rollout_fixtures import tiny_model, tiny_world
 
-import mempo.training.rl_step as rl_step_module
+import mempo.rollout.agent_loop as agent_loop  # NativeEngine.rollout calls agent_loop.run_rollout
+from mempo.ops import PolicyLossOptions
 from mempo.rollout import NativeEngine, SamplingParams, run_rollout
 from mempo.training.fused_policy import FusedPolicy
 from mempo.training.rl_step import RLStepOptions, rl_step
-from rollout_fixtures import tiny_model, tiny_world
+
 
 def _forced_rollout(world):
     """Run the real agent loop, teacher-forcing expert turns; odd rows answer wrongly, so
@@ -39,7 +42,7 @@ def _sgd_update(world, tok, tasks, make_engine=lambda m: NativeEngine(m, 2048), 
 @pytest.mark.parametrize("mem_coef", [1.0, 0.0])
 def test_rl_step_moves_the_policy_towards_higher_reward(monkeypatch, mem_coef):
     world, tok = tiny_world()
-    monkeypatch.setattr(rl_step_module, "run_rollout", _forced_rollout(world))
+    monkeypatch.setattr(agent_loop, "run_rollout", _forced_rollout(world))
     model = tiny_model(len(tok), seed=7, init_std=0.02)
     policy = FusedPolicy(model, attention="dense")
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
@@ -62,11 +65,11 @@ def test_kl_to_reference_needs_and_uses_the_reference(monkeypatch):
     import copy
 
     world, tok = tiny_world()
-    monkeypatch.setattr(rl_step_module, "run_rollout", _forced_rollout(world))
+    monkeypatch.setattr(agent_loop, "run_rollout", _forced_rollout(world))
     model = tiny_model(len(tok), seed=8, init_std=0.02)
     policy = FusedPolicy(model, attention="segment")
     opts = RLStepOptions(group_size=2, sampling=SamplingParams(max_new_tokens=200, seed=1), micro_batch_tokens=400,
-                         loss_options={"kl_coef": 0.1, "kl_estimator": "k3"})
+                         loss_options=PolicyLossOptions(kl_coef=0.1, kl_estimator="k3"))
     tasks = world.tasks("train", num_objectives=1)[:2]
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     with pytest.raises(ValueError, match="ref_policy"):
@@ -86,10 +89,12 @@ def test_inexact_engine_recomputes_old_logprobs_and_reweights_tokens(monkeypatch
     and no clipping the update is exactly `weight` x the native engine's update."""
     world, tok = tiny_world()
     forced = _forced_rollout(world)
-    monkeypatch.setattr(rl_step_module, "run_rollout", forced)
+    monkeypatch.setattr(agent_loop, "run_rollout", forced)
     tasks = world.tasks("train", num_objectives=1)[:2]
 
     class ShiftedEngine:
+        exact_logprobs = False  # the engine interface: the trainer recomputes the old log-probs
+
         def __init__(self, model):
             self.native = NativeEngine(model, 2048)
 
@@ -116,7 +121,7 @@ def test_memory_advantage_reaches_the_update_linearly(monkeypatch):
     traj_adv + mem_coef * mem_adv on memory tokens: update(c) = update(0) + c * (update(1) - update(0)),
     and the memory part is not zero. Fails if mem_coef or mem_adv is lost on the way to the loss."""
     world, tok = tiny_world()
-    monkeypatch.setattr(rl_step_module, "run_rollout", _forced_rollout(world))
+    monkeypatch.setattr(agent_loop, "run_rollout", _forced_rollout(world))
     tasks = world.tasks("train", num_objectives=1)[:2]
 
     def update(mem_coef):
@@ -135,7 +140,7 @@ def test_recompute_old_logprobs_with_the_native_engine(monkeypatch):
     replaced by the trainer's and tokens reweighted; in float32 they agree, so the weights are 1
     and the update equals the exact path's."""
     world, tok = tiny_world()
-    monkeypatch.setattr(rl_step_module, "run_rollout", _forced_rollout(world))
+    monkeypatch.setattr(agent_loop, "run_rollout", _forced_rollout(world))
     tasks = world.tasks("train", num_objectives=1)[:2]
 
     exact, exact_delta = _sgd_update(world, tok, tasks, recompute_old_logprobs=False)
@@ -160,7 +165,8 @@ def test_old_logprobs_auto_resolves_by_engine_and_dtype(monkeypatch):
     assert recompute_old_logprobs(parse_args(["--algorithm.old_logprobs", "recompute"]), cpu)
     import importlib.util
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm" else find_spec(name, *a))
     with pytest.raises(ConfigError, match="algorithm.old_logprobs must be 'auto' or 'recompute' with engine=vllm"):
         from mempo.config import Config
         cfg = Config()

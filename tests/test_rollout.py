@@ -1,13 +1,13 @@
 """The native rollout: trajectories, eviction, sampling, and the rollout == training invariant."""
 import pytest
 import torch
-
-from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns
-from mempo.ops import linear_logprobs
-from mempo.rollout.sampling import sample_tokens
-from mempo.training.packed_batch import pack_trajectories
-from mempo.training.policy_forward import packed_hidden
 from rollout_fixtures import dense_visibility_logprobs, tiny_model, tiny_world
+
+from mempo.ops import linear_logprobs
+from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns
+from mempo.rollout.sampling import sample_tokens
+from mempo.training.fused_policy import packed_hidden
+from mempo.training.packed_batch import pack_trajectories
 
 
 def _expert_rollout(num_objectives=2, n=3, policy=ContextPolicy(), seed=0):

@@ -3,42 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from layout_cases import random_layout, random_trajectory
 
-from mempo.segment_blocks import build_blocks
-from mempo.segment_layout import Segment, SegmentLayout
-
-
-def random_trajectory(rng: np.random.Generator, turns: int = 4, max_len: int = 9,
-                      probes: int = 1) -> tuple[list[Segment], np.ndarray]:
-    """A MemPO-like trajectory: prompt, then per turn think/memory/information segments
-    (some empty or one token) dropped at random later segment starts, then probes that
-    see the prompt and one memory. -> (segments, position ids)."""
-    kinds = ["prompt"] + [k for _ in range(turns) for k in ("think", "memory", "information")]
-    lengths = [int(rng.integers(1, max_len))] + [int(rng.integers(0, max_len)) for _ in kinds[1:]]
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    length = int(starts[-1])
-    segs = []
-    for i, (kind, n) in enumerate(zip(kinds, lengths)):
-        dropped = None
-        if i > 0 and rng.random() < 0.6:
-            dropped = int(rng.choice(starts[i + 1:]))  # a later segment start, or the length
-        segs.append(Segment(kind, (i + 2) // 3, int(starts[i]), int(starts[i + 1]), dropped))
-    pos = list(range(length))
-    memories = [i for i, s in enumerate(segs) if s.kind == "memory"]
-    for _ in range(probes):
-        n = int(rng.integers(1, max_len))
-        mem = int(rng.choice(memories))
-        segs.append(Segment("probe", segs[mem].step, length, length + n, sees=[0, mem]))
-        pos += list(range(segs[mem].end, segs[mem].end + n))  # the probe continues after its memory
-        length += n
-    if rng.random() < 0.3:  # drops landing exactly at the end of the trajectory
-        segs[-1].dropped_at = length if segs[-1].sees is None else None
-    return segs, np.asarray(pos)
-
-
-def random_layout(rng: np.random.Generator, sequences: int = 3, **kw) -> SegmentLayout:
-    trajs = [random_trajectory(rng, **kw) for _ in range(sequences)]
-    return SegmentLayout.from_segments([t[0] for t in trajs], [t[1] for t in trajs])
+from mempo.ops.segment_blocks import build_blocks
+from mempo.ops.segment_layout import Segment, SegmentLayout
 
 
 def brute_force_mask(sequences: list[list[Segment]]) -> torch.Tensor:
@@ -67,16 +35,6 @@ def test_from_segments_matches_token_rule(seed):
     assert torch.equal(layout.dense_mask(), brute_force_mask([t[0] for t in trajs]))
     assert torch.equal(layout.position_ids, torch.from_numpy(np.concatenate([t[1] for t in trajs])))
     assert layout.cu_seqlens.tolist() == [0, *np.cumsum([t[0][-1].end for t in trajs]).tolist()]
-
-
-def test_rollout_segments_are_accepted():
-    """The rollout's TrajectorySegment (no `sees`) builds the same layout as Segment."""
-    from mempo.rollout.trajectory import TrajectorySegment
-    spec = [("prompt", 0, 0, 4, None), ("action", 1, 4, 7, 9), ("memory", 1, 7, 9, None), ("action", 2, 9, 12, None)]
-    a = SegmentLayout.from_segments([[TrajectorySegment(*x) for x in spec]])
-    b = SegmentLayout.from_segments([[Segment(*x) for x in spec]])
-    assert torch.equal(a.visible_bits, b.visible_bits) and torch.equal(a.dense_mask(), b.dense_mask())
-    assert not a.dense_mask()[9, 5] and a.dense_mask()[8, 5]
 
 
 def test_many_segments_span_several_words(seed):
@@ -144,7 +102,8 @@ def test_tile_kinds_are_sound(seed, block_m, block_n):
         for t in range(blocks.row_ptr[r], blocks.row_ptr[r + 1]):
             listed[(int(blocks.q_block_seq[r]), int(blocks.q_block_index[r]), int(blocks.row_kblock[t]))] = \
                 int(blocks.row_partial[t])
-    cols = {(int(blocks.k_block_seq[c]), int(blocks.col_qblock[t]), int(blocks.k_block_index[c])): int(blocks.col_partial[t])
+    cols = {(int(blocks.k_block_seq[c]), int(blocks.col_qblock[t]), int(blocks.k_block_index[c])):
+            int(blocks.col_partial[t])
             for c in range(len(blocks.k_block_seq)) for t in range(blocks.col_ptr[c], blocks.col_ptr[c + 1])}
     assert cols == listed
     for s in range(len(cu) - 1):
@@ -186,7 +145,8 @@ def test_many_long_trajectories(seed):
                 n = int(rng.integers(20, 300))
                 segs.append(Segment(kind, turn, start, start + n))
                 start += n
-        for i, s in enumerate(segs[1:], 1):  # a turn's think/information and the previous memory go at the next memory's close
+        # a turn's think/information and the previous memory go at the next memory's close
+        for i, s in enumerate(segs[1:], 1):
             s.dropped_at = segs[min(i + 3, len(segs) - 1)].start if i + 3 < len(segs) else None
         trajs.append(segs)
     layout = SegmentLayout.from_segments(trajs)

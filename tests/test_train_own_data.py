@@ -10,7 +10,6 @@ import time
 import urllib.request
 
 import pytest
-
 from model_dirs import END_OF_TURN, save_chat_model
 
 
@@ -32,7 +31,8 @@ def retrieval_server(tmp_path):
     subprocess.run([sys.executable, "-m", "mempo.envs.export_tiny_world", "--out", str(data), "--objectives", "1"],
                    check=True, capture_output=True, timeout=120)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mempo.envs.retrieval_server", "--corpus", str(data / "corpus.jsonl"),
+    proc = subprocess.Popen([sys.executable, "-m", "mempo.envs.retrieval_server",
+                             "--corpus", str(data / "corpus.jsonl"),
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/retrieve"
     try:
@@ -51,7 +51,8 @@ def test_own_model_tasks_demos_and_http_retriever(tmp_path, retrieval_server):
            "-m", "mempo.train", "--model.path", str(model_dir), "--env.search", "http", "--env.search_url", url,
            "--env.train_tasks_path", str(data / "train.jsonl"), "--env.eval_tasks_path", str(data / "heldout.jsonl"),
            "--env.train_objectives", "1", "--env.eval_objectives", "1,2", "--env.eval_tasks", "4",
-           "--sft.data_path", str(data / "demos.jsonl"), "--sft.steps", "30", "--sft.lr", "1e-2", "--sft.batch_size", "8",
+           "--sft.data_path", str(data / "demos.jsonl"), "--sft.steps", "30", "--sft.lr", "1e-2",
+           "--sft.batch_size", "8",
            "--trainer.steps", "2", "--rollout.batch_size", "2", "--rollout.group_size", "2",
            "--rollout.max_new_tokens", "32", "--trainer.save_every", "0", "--logging.progress_bar", "false",
            "--trainer.run_dir", str(tmp_path / "runs"), "--trainer.name", "own"]

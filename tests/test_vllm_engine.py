@@ -12,12 +12,12 @@ import torch
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported anywhere
 pytest.importorskip("vllm", reason="vllm not installed (optional `vllm` extra)")
 
+from rollout_fixtures import dense_visibility_logprobs, tiny_model, tiny_world  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns  # noqa: E402
 from mempo.rollout.vllm_agent_loop import run_rollout_vllm  # noqa: E402
 from mempo.rollout.vllm_engine import VLLMEngine, logprob_mismatch, save_policy_for_vllm  # noqa: E402
-from rollout_fixtures import dense_visibility_logprobs, tiny_model, tiny_world  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -94,8 +94,8 @@ def test_reencode_mode_vllm_matches_the_trainer(served, name):
     """context_mode=reencode: the record says what vLLM computes (the kept context re-encoded
     after the prompt), so vLLM, the native engine and the trainer's packed forward agree."""
     from mempo.ops import linear_logprobs
+    from mempo.training.fused_policy import packed_hidden
     from mempo.training.packed_batch import pack_trajectories
-    from mempo.training.policy_forward import packed_hidden
 
     world, tok, model, _ = served
     policy = ContextPolicy(name, 1, "reencode")

@@ -6,8 +6,8 @@
     eps_t             = the same with the full, uncompressed history before m_t
     r_mem(m_t)        = P(ans | q, m_t) - eps_t
 
-The log-probs come from probe segments scored in the packed training forward (see
-mempo.rollout); here only the arithmetic, on flat per-token arrays.
+The log-probs come from probe segments (mempo.algo.probes) scored in the packed training
+forward (`FusedPolicy.memory_rewards`); here the arithmetic, on flat per-token arrays.
 """
 from __future__ import annotations
 
@@ -37,3 +37,16 @@ def memory_rewards(p_given_memory: Tensor, p_given_history: Tensor) -> Tensor:
         raise ValueError(f"p_given_history must have shape {list(p_given_memory.shape)}, "
                          f"got {list(p_given_history.shape)}")
     return p_given_memory - p_given_history
+
+
+def batch_memory_rewards(answer_logprobs: Tensor, batch) -> Tensor:
+    """r_mem [num_memories] float64 (CPU) of a packed batch (`PackedBatch`) with probes, from the
+    log-probs [K] of its answer rows (`batch.probe_rows`), memories in batch order."""
+    p = answer_probability(answer_logprobs, batch.probe_index.to(answer_logprobs.device), len(batch.probes)).cpu()
+    given_memory = torch.full((batch.num_memories,), float("nan"), dtype=torch.float64)
+    given_history = given_memory.clone()
+    for i, probe in enumerate(batch.probes):
+        (given_history if probe.given_history else given_memory)[batch.probe_memory[i]] = p[i]
+    if torch.isnan(given_memory).any() or torch.isnan(given_history).any():
+        raise ValueError("every memory needs both probes (given_memory and given_history)")
+    return memory_rewards(given_memory, given_history)

@@ -22,7 +22,7 @@ from mempo.envs.environment import EnvConfig, SearchEnv
 from mempo.envs.prompts import build_prompt
 from mempo.envs.search_tool import Doc
 from mempo.envs.tasks import Task, compose_multi_objective
-from mempo.envs.tiny_world_expert import expert_trajectories
+from mempo.envs.tiny_world_expert import MEMORY_STYLES, UNKNOWN, MemoryStyle, expert_trajectories
 from mempo.envs.tiny_world_facts import Fact, WorldFacts, generate_facts
 from mempo.envs.trajectory import Trajectory
 
@@ -86,6 +86,10 @@ class TinyWorldConfig:
     num_countries: int = 4
     heldout_fraction: float = 0.2
     tasks_per_count: int = 256  # N-objective tasks per split and N >= 2
+    # the experts' memories (tiny_world_expert): "facts" verbatim, or "answers" (one entry per objective)
+    expert_memory: MemoryStyle = "facts"
+    # lossy experts (answers style): each answer is written as "unknown" with this probability
+    expert_omit: float = 0.0
     # passages already start with their subject, so titles would only repeat it
     env: EnvConfig = EnvConfig(top_k=3, max_turns=10, info_max_chars=400, info_show_titles=False)
 
@@ -94,6 +98,12 @@ class TinyWorldConfig:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.tasks_per_count < 1:
             raise ValueError(f"tasks_per_count must be >= 1, got {self.tasks_per_count}")
+        if self.expert_memory not in MEMORY_STYLES:
+            raise ValueError(f"expert_memory must be one of {MEMORY_STYLES}, got {self.expert_memory!r}")
+        if not 0.0 <= self.expert_omit < 1.0:
+            raise ValueError(f"expert_omit must be in [0, 1), got {self.expert_omit}")
+        if self.expert_omit and self.expert_memory != "answers":
+            raise ValueError(f"expert_omit > 0 needs expert_memory 'answers', got {self.expert_memory!r}")
 
 
 class TinyWorld:
@@ -140,10 +150,15 @@ class TinyWorld:
             raise ValueError(f"task {task.id} holds a question not from this world: {error}") \
                 from None
 
-    def expert_trajectories(self, tasks: list[Task], env: SearchEnv | None = None) -> list[Trajectory]:
+    def expert_trajectories(self, tasks: list[Task], env: SearchEnv | None = None, memory: MemoryStyle | None = None,
+                            omit: float | None = None) -> list[Trajectory]:
         """Expert demonstrations, run through `env` (default `self.env()`; pass the training
-        run's env so that prompts and information blocks are the ones RL sees)."""
-        return expert_trajectories(env or self.env(), tasks, [self.plan(t) for t in tasks])
+        run's env so that prompts and information blocks are the ones RL sees); memory style and
+        lossiness default to `config.expert_memory` / `config.expert_omit`."""
+        memory = self.config.expert_memory if memory is None else memory
+        omit = self.config.expert_omit if omit is None else omit
+        return expert_trajectories(env or self.env(), tasks, [self.plan(t) for t in tasks], memory, omit,
+                                   self.config.seed)
 
     def prompt(self, task: Task) -> str:
         return build_prompt(task, self.config.env.tags)
@@ -156,10 +171,11 @@ class TinyWorld:
         env = SearchEnv(self.search_tool, dataclasses.replace(self.config.env, max_turns=4 * max_objectives + 1))
         for n in range(1, max_objectives + 1):
             tasks = self.tasks("train", n)[:64]
-            for trajectory in self.expert_trajectories(tasks, env):
-                texts.append(trajectory.prompt)
-                texts += [t.model + (t.information or "") for t in trajectory.turns]
-        texts += [q.task.questions[0] for q in self.questions]
+            for memory in MEMORY_STYLES:  # one vocabulary whatever the experts' style
+                for trajectory in self.expert_trajectories(tasks, env, memory, omit=0.0):
+                    texts.append(trajectory.prompt)
+                    texts += [t.model + (t.information or "") for t in trajectory.turns]
+        texts += [q.task.questions[0] for q in self.questions] + [UNKNOWN]  # the lossy experts' answer
         return texts
 
     def tokenizer(self, vocab_size: int = 1024) -> "PreTrainedTokenizerFast":

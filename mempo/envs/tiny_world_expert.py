@@ -1,15 +1,31 @@
-"""Expert demonstrations: a scripted policy that searches each needed fact once, keeps
-exactly the facts found so far in its memory, and answers.
+"""Expert demonstrations: a scripted policy that searches each needed fact once, keeps what it
+still needs in its memory, and answers from that memory.
 
-Turn texts (default tags):
-    <mem>{facts found so far, one sentence each}</mem><search>{query}</search>
-    <mem>{all facts}</mem><answer>{a1}; {a2}; ...</answer>
-The expert is run through the real environment, so its recorded information blocks are
-exactly what the tool returns, and every fact it memorises appears in one of them.
+Two memory styles (turn texts with the default tags):
+  facts    every fact found so far, verbatim, one sentence each:
+           <mem>Ana was born in Kavaizi. The mentor of Bo is Ana.</mem><search>Ana works as</search>
+  answers  one entry per objective begun, in order: its answer once found, else the relation and
+           the entity of the hop found so far (the bridge the next query starts from):
+           <mem>1: Kavaizi; 2: mentor Ana</mem><search>Ana works as</search>
+           <mem>1: Kavaizi; 2: baker</mem><answer>Kavaizi; baker</answer>
+With the mempo context policy the agent sees only the prompt and its last memory when it picks
+the next query and when it answers, so the memory must say which objectives are done.
+
+A lossy expert (`omit` > 0, answers style) writes `UNKNOWN` instead of an objective's answer with
+probability `omit` when it finds that answer (never recovered; the answer turn then says
+UNKNOWN, which scores 0). The entry still shows the objective as done, so the next query stays
+readable off the memory; the demonstration's reward is the fraction of answers its memory
+kept, and only memory quality separates a lossy demonstration from a faithful one. With omit
+near 0.5 a warm-started model is unsure whether to keep an answer (a coin flip under sampling),
+which RL can resolve, and the memory advantage scores exactly that choice.
+
+The expert is run through the real environment, so its recorded information blocks are exactly
+what the tool returns, and every fact it memorises appears in one of them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import random
+from typing import Literal, Sequence
 
 from mempo.envs.agent_format import render_turn
 from mempo.envs.environment import SearchEnv
@@ -19,25 +35,55 @@ from mempo.envs.trajectory import Trajectory
 
 # plan of one task: per objective, the chain of facts leading to its answer
 Plan = Sequence[Sequence[Fact]]
+MemoryStyle = Literal["facts", "answers"]
+MEMORY_STYLES = ("facts", "answers")
+
+# what a lossy expert remembers, and answers, for an objective whose answer it did not keep
+UNKNOWN = "unknown"
 
 
 class ExpertPolicy:
-    def __init__(self, plan: Plan, env: SearchEnv):
+    def __init__(self, plan: Plan, env: SearchEnv, memory: MemoryStyle = "facts", omit: float = 0.0,
+                 rng: random.Random | None = None):
+        if memory not in MEMORY_STYLES:
+            raise ValueError(f"memory must be one of {MEMORY_STYLES}, got {memory!r}")
+        if not 0.0 <= omit < 1.0:
+            raise ValueError(f"omit must be in [0, 1), got {omit}")
+        if omit and memory != "answers":
+            raise ValueError(f"omit > 0 (lossy experts) needs the 'answers' memory style, got {memory!r}")
         self.tags = env.config.tags
-        self.answers = [hops[-1].object for hops in plan]
+        self.plan = [tuple(hops) for hops in plan]
+        self.style, self.omit, self.rng = memory, omit, rng or random.Random(0)
         self.pending: list[Fact] = []
         for hops in plan:
             self.pending += [f for f in hops if f not in self.pending]
         self.known: list[Fact] = []
+        self.kept: dict[int, bool] = {}  # objective -> its answer was kept (decided when found)
         if len(self.pending) + 1 > env.config.max_turns:
             raise ValueError(f"the expert needs {len(self.pending) + 1} turns, env "
                              f"max_turns is {env.config.max_turns}")
 
+    def answers(self) -> list[str]:
+        return [hops[-1].object if self.kept.get(i, True) else UNKNOWN for i, hops in enumerate(self.plan)]
+
+    def memory(self) -> str:
+        if self.style == "facts":
+            return " ".join(f.sentence for f in self.known)
+        entries = []
+        for i, hops in enumerate(self.plan):
+            done = 0  # hops found in order (a later hop may be known first, as another objective's)
+            while done < len(hops) and hops[done] in self.known:
+                done += 1
+            if done == len(hops):
+                entries.append(f"{i + 1}: {hops[-1].object if self.kept[i] else UNKNOWN}")
+            elif done:
+                entries.append(f"{i + 1}: {hops[done - 1].relation} {hops[done - 1].object}")
+        return "; ".join(entries)
+
     def text(self) -> str:
-        memory = " ".join(f.sentence for f in self.known)
         if self.pending:
-            return render_turn(memory, search=self.pending[0].query, tags=self.tags)
-        return render_turn(memory, answers=self.answers, tags=self.tags)
+            return render_turn(self.memory(), search=self.pending[0].query, tags=self.tags)
+        return render_turn(self.memory(), answers=self.answers(), tags=self.tags)
 
     def observe(self, information: str) -> None:
         fact = self.pending.pop(0)
@@ -45,15 +91,21 @@ class ExpertPolicy:
             raise RuntimeError(f"expert query {fact.query!r} did not retrieve {fact.sentence!r}; "
                                f"got {information!r}")
         self.known.append(fact)
+        for i, hops in enumerate(self.plan):  # objectives this fact completes: keep the answer?
+            if hops[-1] == fact:
+                self.kept[i] = not (self.omit and self.rng.random() < self.omit)
 
 
-def expert_trajectories(env: SearchEnv, tasks: Sequence[Task],
-                        plans: Sequence[Plan]) -> list[Trajectory]:
-    """Run the expert on all tasks in lockstep (one batched tool call per turn)."""
+def expert_trajectories(env: SearchEnv, tasks: Sequence[Task], plans: Sequence[Plan], memory: MemoryStyle = "facts",
+                        omit: float = 0.0, seed: int = 0) -> list[Trajectory]:
+    """Run the expert on all tasks in lockstep (one batched tool call per turn). omit > 0: the
+    lossy expert, its draws seeded by (seed, task id), so a task's demonstration does not depend
+    on the other tasks of the batch."""
     if len(tasks) != len(plans):
         raise ValueError(f"plans must match tasks, got {len(plans)} for {len(tasks)}")
     episodes = env.reset(tasks)
-    experts = [ExpertPolicy(plan, env) for plan in plans]
+    experts = [ExpertPolicy(plan, env, memory, omit, random.Random(f"{seed}/{task.id}"))
+               for plan, task in zip(plans, tasks)]
     live = list(range(len(tasks)))
     while live:
         results = env.step([episodes[i] for i in live], [experts[i].text() for i in live])
@@ -63,7 +115,8 @@ def expert_trajectories(env: SearchEnv, tasks: Sequence[Task],
             if result.information is not None:
                 experts[i].observe(result.information)
         live = [i for i in live if not episodes[i].done]
-    for episode in episodes:
-        if episode.reward != 1.0:
-            raise RuntimeError(f"expert scored {episode.reward} on {episode.task.id}")
+    for episode, expert in zip(episodes, experts):
+        kept = sum(a != UNKNOWN for a in expert.answers()) / len(expert.plan)
+        if abs(episode.reward - kept) > 1e-9:
+            raise RuntimeError(f"expert scored {episode.reward} on {episode.task.id}, expected {kept}")
     return [e.trajectory() for e in episodes]

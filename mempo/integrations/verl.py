@@ -34,7 +34,8 @@ loss `ppo_loss`, and verl's fused forward on a Qwen2 model); not run inside a Ra
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor

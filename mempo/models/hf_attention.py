@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from mempo.ops.segment_attention import segment_attention
-from mempo.segment_layout import SegmentLayout
+from mempo.ops.segment_layout import SegmentLayout
 
 ATTENTION_NAME = "mempo_segment"
 
@@ -50,7 +50,9 @@ def _check_positions(position_ids: Tensor, layout: SegmentLayout) -> None:
     """position_ids must be the layout's; checked once per tensor (the trainer passes a view of
     layout.position_ids itself, which needs no comparison and so no device sync)."""
     key = (position_ids.data_ptr(), position_ids.numel())
-    checked = layout._cache.setdefault("checked_positions", set())
+    # the checked tensors are kept alive with the layout, so a freed one's address cannot come
+    # back as another (unchecked) tensor and skip the comparison
+    checked = layout._cache.setdefault("checked_positions", {})
     if key in checked or key == (layout.position_ids.data_ptr(), layout.position_ids.numel()):
         return
     flat = position_ids.reshape(-1)
@@ -58,7 +60,7 @@ def _check_positions(position_ids: Tensor, layout: SegmentLayout) -> None:
                                                                     layout.position_ids):
         raise ValueError("position_ids differ from segment_layout.position_ids (the positions tokens were generated "
                          "at): pass position_ids=layout.position_ids[None] to the model")
-    checked.add(key)
+    checked[key] = position_ids
 
 
 def _no_mask(attention_mask: Tensor | None = None, **kwargs) -> None:

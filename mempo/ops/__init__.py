@@ -1,4 +1,10 @@
-"""Public fused ops of mempo (`import mempo.ops`).
+"""Public fused ops of mempo (`import mempo.ops`). One op, one file:
+
+    lm_head.py            linear_logprobs, linear_policy_loss (chunking, autograd Functions)
+    policy_loss.py        PolicyLossOptions, MemPOAdvantages, surrogate, aggregation, policy_loss
+    epilogue.py           the chunk epilogue's backends (Triton kernel, C++ extension, PyTorch)
+    segment_attention.py  segment_attention (+ segment_layout.py, segment_blocks.py: its metadata)
+    kv_evict.py           evict_segments
 
 - linear_logprobs: hidden states + LM head -> per-token log-probs (and entropy), chunked.
 - policy_loss: clipped PPO/GRPO loss on given log-probs (MemPO advantages, KL, dual clip).
@@ -8,14 +14,11 @@
   visibility (what each token saw at rollout), no L x L mask on the fast path.
 - evict_segments: compact a rollout KV cache in place to the kept token ranges.
 """
-from .linear_logprobs import linear_logprobs
-from .linear_policy_loss import linear_policy_loss
-from .loss_inputs import MemPOAdvantages
-from .loss_options import KL_ESTIMATORS, LOSS_AGGREGATIONS, PolicyLossOptions
-from .policy_loss import policy_loss
-from .segment_attention import segment_attention
 from .kv_evict import evict_segments
-from mempo.segment_layout import Segment, SegmentLayout
+from .lm_head import linear_logprobs, linear_policy_loss
+from .policy_loss import KL_ESTIMATORS, LOSS_AGGREGATIONS, MemPOAdvantages, PolicyLossOptions, policy_loss
+from .segment_attention import segment_attention
+from .segment_layout import Segment, SegmentLayout
 
 __all__ = [
     "KL_ESTIMATORS",

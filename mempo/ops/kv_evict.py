@@ -6,7 +6,8 @@ Kept keys are moved, not re-rotated: they keep the rotary positions they were wr
 which is what the policy saw when it wrote them.
 
 Backends: mempo._C (C++/OpenMP on the CPU, one CUDA kernel over every layer's cache on the
-GPU); without the extension, the gather-and-copy reference in mempo/reference/kv_evict.py.
+GPU); without the extension, one index gather and copy per sequence (`_evict_torch`). The plain
+statement for tests is mempo/reference/kv_evict.py.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import torch
 from torch import Tensor
 
 from mempo._native import native_ops
-from mempo.reference import kv_evict as reference
 
 
 def check_keep_ranges(keep_ranges: Tensor, batch: int, t_max: int, lengths: Tensor | None) -> None:
@@ -65,6 +65,36 @@ def evict_segments(cache: Tensor, keep_ranges: Tensor, lengths: Tensor | None = 
     keep_ranges = keep_ranges.to(device=cache.device, dtype=torch.int64).contiguous()
     ops = native_ops()
     if ops is None or (cache.is_cuda and not ops.has_cuda) or cache.device.type not in ("cpu", "cuda"):
-        return reference.evict_segments(cache, keep_ranges)
+        return _evict_torch(cache, keep_ranges)
     ops.evict_segments_(cache, keep_ranges)
     return (keep_ranges[..., 1] - keep_ranges[..., 0]).sum(-1)
+
+
+def kept_token_index(keep_ranges: Tensor) -> list[Tensor]:
+    """Per sequence, the source token of each kept position: keep_ranges [B, R, 2] ->
+    B index tensors, the concatenation of arange(start, end) over the ranges in order."""
+    starts, ends = keep_ranges[..., 0], keep_ranges[..., 1]
+    lengths = (ends - starts).clamp_min(0)
+    index = []
+    for b in range(keep_ranges.shape[0]):
+        # position p of range k comes from starts[k] + (p - first kept position of range k)
+        first = lengths[b].cumsum(0) - lengths[b]
+        offset = torch.repeat_interleave(starts[b] - first, lengths[b])
+        index.append(offset + torch.arange(offset.numel(), device=keep_ranges.device))
+    return index
+
+
+def _evict_torch(cache: Tensor, keep_ranges: Tensor) -> Tensor:
+    """PyTorch fallback: move each sequence's kept token ranges to the front of its cache rows, in place.
+
+    cache: [..., B, H_kv, T_max, D] (leading dims: planes, e.g. layers x {K, V}), contiguous.
+    keep_ranges: [B, R, 2] int, half-open (start, end), non-empty ones sorted and disjoint,
+    empty ones (start == end) ignored. Positions past the kept total keep stale values.
+    Returns the new lengths [B] (int64, on cache's device).
+    """
+    planes = cache.view(-1, *cache.shape[-4:])
+    keep_ranges = keep_ranges.to(device=cache.device, dtype=torch.int64)
+    for b, index in enumerate(kept_token_index(keep_ranges)):
+        # index_select gathers into a fresh tensor, so the copy back cannot read moved data.
+        planes[:, b, :, : index.numel()] = planes[:, b].index_select(2, index)
+    return (keep_ranges[..., 1] - keep_ranges[..., 0]).clamp_min(0).sum(-1)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mempo.segment_blocks import layout_blocks
-from mempo.segment_layout import SegmentLayout
+from mempo.ops.segment_blocks import layout_blocks
+from mempo.ops.segment_layout import SegmentLayout
 
 BACKENDS = ("auto", "triton", "torch")
 GPU_BLOCKS = (128, 64)  # forward BLOCK_M, BLOCK_N for H100-class GPUs

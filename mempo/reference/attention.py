@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mempo.segment_layout import SegmentLayout
+from mempo.ops.segment_layout import SegmentLayout
 
 
 def segment_attention_reference(q: Tensor, k: Tensor, v: Tensor, layout: SegmentLayout,

@@ -1,81 +1,140 @@
-"""Attention over the rollout KV cache, plugged into Hugging Face models by name.
+"""Attention over the paged rollout KV cache, plugged into Hugging Face models by name.
 
 `register()` adds "mempo_rollout" to transformers' attention registry. A forward of the
-stock model with `attn_implementation="mempo_rollout"` then hands each layer's rotated
-q/k/v to `rollout_attention`, which writes the new keys/values into the cache slots the
-engine reserved and attends over the row's live slots (causal among the new tokens).
+stock model with `attn_implementation="mempo_rollout"` hands each layer's rotated q/k/v to
+`rollout_attention`, which writes the new keys/values into the pool slots the engine
+reserved and attends over each row's live slots (causal among the row's new tokens). The
+tokens of one forward are flat ([1, N], varlen: rows' chunks back to back, no padding).
 No model code is copied: the model computes projections and rotary; we own the cache.
+
+Backends, chosen per forward:
+  - CUDA, flash-attn installed, a pure decode step (one token per row) and a pool block size
+    that flash-attn's paged kernel takes (a multiple of 256): `flash_attn_with_kvcache` with
+    the block table;
+  - CUDA (or any device under TRITON_INTERPRET=1): the Triton kernel
+    `mempo.kernels.paged_attention` (one query token per program, through the block table);
+  - CPU: gather the rows' live keys through the block table, then SDPA with a mask.
+Everything a forward needs (write slots, visibility) is computed on the device from the
+device block table and one small int tensor per forward (`CacheWrite.build`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kv_cache import RolloutKVCache
+from .kv_cache import PagedKVCache
 
 ATTENTION_NAME = "mempo_rollout"
+FLASH_PAGE_MULTIPLE = 256  # flash-attn 2's paged KV needs page_block_size % 256 == 0
+# "auto" picks by device as above; tests set "triton" to run the kernel (interpreted) on CPU tensors
+BACKEND = "auto"
 
 
 @dataclass
 class CacheWrite:
-    """Where one forward's new tokens go, shared by all layers.
+    """Where one forward's new tokens go and what they see, shared by all layers.
 
-    rows: [b] cache rows of the batch entries; slots: [b, n] cache slot of each new token
-    (-1 for right padding); key_mask: [b, 1, n, kv_len] bool, key visible to query;
-    kv_len: keys attended (max live length after the write)."""
+    rows: [b] cache rows; first: [b] logical slot of each row's first new token; counts: [b];
+    tok_row: [N] batch index of each new token; tok_limit: [N] its logical slot (it sees slots
+    0..tok_limit); tok_phys: [N] its physical slot in the flat pool; block_table: [b, blocks]
+    the rows' tables; kv_len / max_count: host ints (longest live row after the write,
+    longest chunk)."""
 
     rows: Tensor
-    slots: Tensor
-    key_mask: Tensor
+    first: Tensor
+    counts: Tensor
+    tok_row: Tensor
+    tok_limit: Tensor
+    tok_phys: Tensor
+    block_table: Tensor
     kv_len: int
-    all_rows: bool = False  # rows == 0..B-1 in order: no gather needed
+    max_count: int
+    _dense: tuple | None = field(default=None, repr=False)
 
     @staticmethod
-    def build(cache: RolloutKVCache, rows: list[int], first_slots: list[int], counts: list[int]) -> "CacheWrite":
-        device = cache.buffer.device
-        n = max(counts)
-        b = len(rows)
-        offs = torch.arange(n)
-        first = torch.tensor(first_slots)[:, None]
-        count = torch.tensor(counts)[:, None]
-        valid = offs[None, :] < count
-        slots = torch.where(valid, first + offs[None, :], torch.full_like(first + offs, -1))
-        kv_len = max(f + c for f, c in zip(first_slots, counts))
-        keys = torch.arange(kv_len)
-        # query i of row r (slot first_r + i) sees slots <= its own; padding queries see slot 0
-        limit = torch.where(valid, first + offs[None, :], torch.zeros_like(first))
-        key_mask = (keys[None, None, :] <= limit[:, :, None]).view(b, 1, n, kv_len)
-        all_rows = rows == list(range(cache.buffer.shape[1]))
-        return CacheWrite(torch.tensor(rows, device=device), slots.to(device), key_mask.to(device), kv_len, all_rows)
+    def build(cache: PagedKVCache, rows: Tensor, first: Tensor, counts: Tensor, total: int, kv_len: int,
+              max_count: int) -> CacheWrite:
+        """rows/first/counts [b] on the cache's device (slices of the forward's one host->device
+        copy); total = sum(counts), kv_len, max_count: host ints the engine already knows."""
+        device = cache.pool.device
+        b = rows.shape[0]
+        tok_row = torch.repeat_interleave(torch.arange(b, device=device), counts, output_size=total)
+        starts = torch.cumsum(counts, 0) - counts
+        tok_limit = first[tok_row] + torch.arange(total, device=device) - starts[tok_row]
+        table = cache.block_table.index_select(0, rows)
+        bs = cache.block_size
+        tok_phys = table[tok_row, tok_limit // bs].long() * bs + tok_limit % bs
+        return CacheWrite(rows, first, counts, tok_row, tok_limit, tok_phys, table, kv_len, max_count)
+
+    def dense(self, block_size: int):
+        """CPU path metadata, built once per forward: physical slot of each row's logical key
+        [b, kv_len], the padded query index (row, offset) of each token, key mask [b, 1, n, kv_len]."""
+        if self._dense is None:
+            device = self.rows.device
+            keys = torch.arange(self.kv_len, device=device)
+            phys = self.block_table[:, keys // block_size].long() * block_size + keys % block_size
+            tok_off = self.tok_limit - self.first[self.tok_row]
+            offs = torch.arange(self.max_count, device=device)
+            limit = torch.minimum(self.first[:, None] + offs[None, :], (self.first + self.counts - 1)[:, None])
+            mask = (keys[None, None, :] <= limit[:, :, None])[:, None]  # padding queries repeat the last one
+            self._dense = (phys, tok_off, mask)
+        return self._dense
+
+
+def _flash_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, w: CacheWrite, scale: float) -> Tensor:
+    """q [N, Hq, D] -> [N, Hq, D] over the paged cache (one layer's K/V planes)."""
+    page = k_cache.shape[1]
+    if q.is_cuda and w.max_count == 1 and page % FLASH_PAGE_MULTIPLE == 0 and _flash_available():
+        from flash_attn import flash_attn_with_kvcache
+
+        out = flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=(w.first + 1).int(),
+                                      block_table=w.block_table, softmax_scale=scale, causal=True)
+        return out[:, 0]
+    if q.is_cuda or BACKEND == "triton":
+        from mempo.kernels.paged_attention import paged_attention as triton_paged_attention
+
+        return triton_paged_attention(q, k_cache, v_cache, w.block_table, w.tok_row, w.tok_limit, scale)
+    # CPU: gather the live keys of each row, pad the queries per row, one masked SDPA
+    phys, tok_off, mask = w.dense(page)
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    keys = k_cache.view(-1, hkv, d)[phys].transpose(1, 2)  # [b, Hkv, kv_len, D]
+    values = v_cache.view(-1, hkv, d)[phys].transpose(1, 2)
+    b = w.rows.shape[0]
+    if w.max_count == 1:  # decode: one token per row, no padding
+        q_pad = q[:, None]
+    else:
+        q_pad = q.new_zeros(b, w.max_count, q.shape[1], d)
+        q_pad[w.tok_row, tok_off] = q
+    out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),
+                                         attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != hkv)
+    out = out.transpose(1, 2)
+    return out[:, 0] if w.max_count == 1 else out[w.tok_row, tok_off]
 
 
 def rollout_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
-                      dropout: float = 0.0, rollout_cache: RolloutKVCache | None = None,
+                      dropout: float = 0.0, rollout_cache: PagedKVCache | None = None,
                       cache_write: CacheWrite | None = None, **kwargs):
-    """query [b, Hq, n, D], key/value [b, Hkv, n, D] (rotated) -> ([b, n, Hq, D], None)."""
+    """query [1, Hq, N, D], key/value [1, Hkv, N, D] (rotated, flat tokens) -> ([1, N, Hq, D], None)."""
     if rollout_cache is None or cache_write is None:
         raise ValueError(f"attn_implementation={ATTENTION_NAME!r} needs rollout_cache= and cache_write= "
                          "(use mempo.rollout.NativeEngine)")
     w = cache_write
     k_cache, v_cache = rollout_cache.layer(module.layer_idx)
-    valid = w.slots >= 0
-    b_idx = w.rows[:, None].expand_as(w.slots)[valid]
-    s_idx = w.slots[valid]
-    # [B, T, H, D] views so one index_put writes all heads of a token
-    k_cache.transpose(1, 2)[b_idx, s_idx] = key.transpose(1, 2)[valid].to(k_cache.dtype)
-    v_cache.transpose(1, 2)[b_idx, s_idx] = value.transpose(1, 2)[valid].to(v_cache.dtype)
-    # slice the live prefix before gathering rows: never copy the whole capacity
-    keys = k_cache[:, :, : w.kv_len]
-    values = v_cache[:, :, : w.kv_len]
-    if not w.all_rows:
-        keys, values = keys.index_select(0, w.rows), values.index_select(0, w.rows)
-    out = F.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype),
-                                         attn_mask=w.key_mask, scale=scaling,
-                                         enable_gqa=query.shape[1] != keys.shape[1])
-    return out.transpose(1, 2).contiguous(), None
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    # write first: a token sees itself and its row's earlier new tokens
+    k_cache.view(-1, hkv, d).index_copy_(0, w.tok_phys, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, w.tok_phys, value[0].transpose(0, 1).to(v_cache.dtype))
+    scale = scaling if scaling is not None else d ** -0.5
+    out = paged_attention(query[0].transpose(0, 1), k_cache, v_cache, w, scale)
+    return out[None], None
 
 
 def register() -> str:

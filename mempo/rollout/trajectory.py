@@ -11,20 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mempo.segment_layout import SEGMENT_KINDS
-
-
-@dataclass
-class TrajectorySegment:
-    kind: str  # one of SEGMENT_KINDS
-    step: int  # 0 for the prompt, then the turn number
-    start: int  # token range [start, end) in the trajectory
-    end: int
-    dropped_at: int | None = None  # first token index that no longer sees this segment
-
-    def __post_init__(self) -> None:
-        if self.kind not in SEGMENT_KINDS:
-            raise ValueError(f"segment kind must be one of {SEGMENT_KINDS}, got {self.kind!r}")
+from mempo.ops.segment_layout import Segment
 
 
 @dataclass
@@ -36,7 +23,7 @@ class Trajectory:
     token_ids: list[int] = field(default_factory=list)
     sample_logprobs: list[float] = field(default_factory=list)  # 0.0 where not sampled
     loss_mask: list[bool] = field(default_factory=list)  # model-written tokens only
-    segments: list[TrajectorySegment] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
     turn_texts: list[str] = field(default_factory=list)  # model text of each turn
     information_texts: list[str | None] = field(default_factory=list)  # tool reply of each turn
     answers: tuple[str, ...] | None = None
@@ -81,7 +68,7 @@ class Trajectory:
             self.token_ids += self.token_ids[seg.start:seg.end]
             self.sample_logprobs += [0.0] * (seg.end - seg.start)
             self.loss_mask += [False] * (seg.end - seg.start)
-            self.segments.append(TrajectorySegment("context", seg.step, begin, len(self)))
+            self.segments.append(Segment("context", seg.step, begin, len(self)))
         return [(s.start, s.end) for s in kept]
 
     def drop_steps(self, steps, at: int) -> list[tuple[int, int]]:
@@ -100,18 +87,9 @@ class Trajectory:
         re-encoded context copies) and its text; the tool's reply, if any, is filled in later."""
         action_start = self.segments[-1].end if mem_closed else turn_start
         if len(self) > action_start:
-            self.segments.append(TrajectorySegment("action", step, action_start, len(self)))
+            self.segments.append(Segment("action", step, action_start, len(self)))
         self.turn_texts.append(text)
         self.information_texts.append(None)
 
-    def memory_segments(self) -> list[TrajectorySegment]:
+    def memory_segments(self) -> list[Segment]:
         return [s for s in self.segments if s.kind == "memory"]
-
-    def visible_keys(self, query: int) -> list[int]:
-        """Token indices token `query` attended to when it was processed (slow; tests)."""
-        seg_of = {}
-        for s in self.segments:
-            for i in range(s.start, s.end):
-                seg_of[i] = s
-        return [k for k in range(query + 1)
-                if seg_of[k].dropped_at is None or seg_of[k].dropped_at > query]

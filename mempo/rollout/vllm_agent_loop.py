@@ -9,7 +9,8 @@ the turn to `</search>` / `</answer>`. Token boundaries are re-derived from the 
 with `memory_and_turn_end` (tokens vLLM returned past a boundary are discarded), so
 `trajectory_from_turns` replays the record. vLLM always re-encodes the kept context; with
 context_mode=reencode the record says so (context copies at contiguous positions), so the
-trainer's packed forward reproduces vLLM's log-probs; with evict it cannot (tokens reweighted). Teacher-forced turns are scored with
+trainer's packed forward reproduces vLLM's log-probs; with evict it cannot (tokens reweighted).
+Teacher-forced turns are scored with
 `prompt_logprobs` on the same contexts (such requests skip the prefix cache in vLLM).
 """
 from __future__ import annotations
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 
 from mempo.envs import SearchEnv, Task
 from mempo.envs.agent_format import AgentTags
+from mempo.ops.segment_layout import Segment
 
 from .agent_loop import SamplingParams, _finish, fits_reply, turn_stop_ids
 from .context_policy import ContextPolicy
 from .replay import memory_and_turn_end
-from .trajectory import Trajectory, TrajectorySegment
+from .trajectory import Trajectory
 from .vllm_engine import VLLMEngine
 
 
@@ -69,7 +71,7 @@ def run_rollout_vllm(
     for row, e in zip(rows, episodes):
         ids = tokenizer(e.prompt, add_special_tokens=False)["input_ids"]
         _append(row.traj, ids, [0.0] * len(ids), loss=False)
-        row.traj.segments.append(TrajectorySegment("prompt", 0, 0, len(ids)))
+        row.traj.segments.append(Segment("prompt", 0, 0, len(ids)))
     stop_ids = turn_stop_ids(tokenizer, params)
     live = list(range(len(rows)))
     calls = 0
@@ -129,13 +131,13 @@ def run_rollout_vllm(
             _close_turn(row, tokenizer)
             info_ids = [] if res.done else tokenizer(res.information, add_special_tokens=False)["input_ids"]
             if res.done or not fits_reply(row.traj, info_ids, params):
-                _finish(row, res, params)
+                _finish(row, res)
                 continue
             row.traj.information_texts[-1] = res.information
             if info_ids:
                 begin = len(row.traj)
                 _append(row.traj, info_ids, [0.0] * len(info_ids), loss=False)
-                row.traj.segments.append(TrajectorySegment("information", row.step, begin, len(row.traj)))
+                row.traj.segments.append(Segment("information", row.step, begin, len(row.traj)))
         live = [r for r in live if not rows[r].done]
     for row in rows:
         row.traj.tokens_processed = row.tokens_processed
@@ -156,7 +158,7 @@ def _take(row: _Row, new_ids, new_lps, tokenizer, tags, policy, params, stop_ids
     if mem_end is not None and not row.mem_closed:
         row.mem_closed = True
         end = row.turn_start + mem_end
-        row.traj.segments.append(TrajectorySegment("memory", row.step, row.turn_start, end))
+        row.traj.segments.append(Segment("memory", row.step, row.turn_start, end))
         if row.traj.drop_steps(policy.dropped_steps(row.step), end) and policy.mode == "reencode":
             row.traj.reencode_kept(end)  # what vLLM computes from here on: the kept context re-submitted
     text = tokenizer.decode(row.turn_ids)

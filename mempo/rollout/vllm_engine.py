@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
-from typing import Iterable, Mapping
 
 import torch
 

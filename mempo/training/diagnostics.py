@@ -7,6 +7,9 @@ log-probs drift apart.
 - memory/gold_recall: the fraction of (memory, objective) pairs whose gold answer (any
   accepted string, SQuAD-normalised) appears in the memory text; for multi-hop questions the
   answer appears only once the last hop is found, so this rises along a trajectory;
+- final memory recall (`final_memory_recall`, held-out evaluation's `{n}obj/mem_recall`): per
+  trajectory, the fraction of its objectives whose gold answer the last memory holds, i.e.
+  what the agent still knows when it answers (only the memory is visible then);
 - drift/{memory,think,action,answer}: mean |log pi_trainer - log pi_rollout| over the model's
   tokens of each kind (only when old log-probs are recomputed: bf16 or engine=vllm). action =
   the search turn's tokens after the memory, answer = the answering turn's, think = tokens
@@ -20,6 +23,15 @@ from mempo.envs.scoring import normalize_answer
 DRIFT_KINDS = ("memory", "think", "action", "answer")
 
 
+def _gold_recall(traj, mem, task, tokenizer, tags) -> float:
+    """The fraction of the task's objectives whose gold answer (any accepted string) the
+    memory segment `mem` of `traj` holds, SQuAD-normalised, as whole words."""
+    raw = tags.tag_regex.sub(" ", tokenizer.decode(traj.token_ids[mem.start:mem.end]))  # "</mem>" glues
+    text = f" {normalize_answer(raw)} "
+    present = [any(f" {normalize_answer(a)} " in text for a in answers) for answers in task.answers]
+    return sum(present) / len(present)
+
+
 def memory_stats(trajectories, tasks, tokenizer, tags) -> dict[str, list[float]]:
     """Per memory of every trajectory: length, tokens dropped at its write, gold recall."""
     out = {"length": [], "dropped": [], "gold_recall": []}
@@ -27,10 +39,16 @@ def memory_stats(trajectories, tasks, tokenizer, tags) -> dict[str, list[float]]
         for mem in traj.memory_segments():
             out["length"].append(float(mem.end - mem.start))
             out["dropped"].append(float(sum(s.end - s.start for s in traj.segments if s.dropped_at == mem.end)))
-            raw = tags.tag_regex.sub(" ", tokenizer.decode(traj.token_ids[mem.start:mem.end]))  # "</mem>" glues
-            text = f" {normalize_answer(raw)} "
-            present = [any(f" {normalize_answer(a)} " in text for a in answers) for answers in task.answers]
-            out["gold_recall"].append(sum(present) / len(present))
+            out["gold_recall"].append(_gold_recall(traj, mem, task, tokenizer, tags))
+    return out
+
+
+def final_memory_recall(trajectories, tasks, tokenizer, tags) -> list[float]:
+    """Per trajectory: gold recall of its last memory (0 when it wrote none)."""
+    out = []
+    for traj, task in zip(trajectories, tasks):
+        mems = traj.memory_segments()
+        out.append(_gold_recall(traj, mems[-1], task, tokenizer, tags) if mems else 0.0)
     return out
 
 

@@ -1,75 +1,125 @@
 """The trainable policy: a Hugging Face causal LM whose forward ends in mempo's fused ops.
 
-Wrapping matters under FSDP2: the LM head and embeddings belong to the root module's
-parameter group, which is unsharded only inside the root's forward. So the whole step
-(packed base-model forward, then `linear_policy_loss` / `linear_logprobs` on the hidden
-states with the unsharded LM-head weight) runs inside `FusedPolicy.forward`, and the
-[L, V] logits never exist.
+`packed_hidden` runs the base model (no LM head: the fused ops take hidden states) once over
+a packed micro-batch, every token at its rollout position and seeing exactly what it saw at
+rollout: attention="segment" calls `mempo.ops.segment_attention` through the
+"mempo_segment" attention backend (Triton on CUDA, per-sequence SDPA on the CPU; no L x L
+mask anywhere); attention="dense" builds the layout's dense mask (a reference, small batches).
+
+Under FSDP2 the LM head and embeddings belong to the root module, whose parameters are
+unsharded only inside the root's forward methods. So each use of the policy is one method
+of `FusedPolicy` (base forward, then `linear_policy_loss` / `linear_logprobs` on the hidden
+states with the unsharded LM-head weight), registered as an FSDP forward method; [L, V]
+logits never exist.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import Tensor, nn
 
-from mempo.ops import MemPOAdvantages, linear_logprobs, linear_policy_loss
+from mempo.algo.memory_reward import batch_memory_rewards
+from mempo.models.hf import attention_implementation, decoder_of, lm_head_weight
+from mempo.models.hf_attention import register_segment_attention
+from mempo.ops import MemPOAdvantages, PolicyLossOptions, linear_logprobs, linear_policy_loss
 
-from .memory_scores import memory_rewards_from_hidden
 from .packed_batch import PackedBatch
-from .policy_forward import lm_head_weight, packed_hidden
+
+ATTENTION_MODES = ("segment", "dense")
+
+
+def packed_hidden(model: nn.Module, batch: PackedBatch, attention: str = "segment") -> Tensor:
+    """-> hidden states [L, H] of the packed batch (final norm applied)."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    device = lm_head_weight(model).device
+    ids = batch.input_ids.to(device)[None]
+    pos = batch.position_ids.to(device)[None]
+    if attention == "dense":
+        mask = batch.layout.dense_mask().to(device)[None, None]
+        return decoder_of(model)(input_ids=ids, position_ids=pos, attention_mask=mask,
+                                 use_cache=False).last_hidden_state[0]
+    layout = batch.layout.to(device)
+    with attention_implementation(model, register_segment_attention()):
+        out = decoder_of(model)(input_ids=ids, position_ids=pos, use_cache=False, segment_layout=layout)
+    return out.last_hidden_state[0]
 
 
 class FusedPolicy(nn.Module):
-    """modes: "policy_loss" -> (loss, metrics); "sft" -> (loss, metrics) of token-mean NLL
-    on the loss tokens; "logprobs" -> [L] float32 log-probs of the targets on loss rows (0
-    elsewhere; no gradient: old or reference log-probs); "memory_rewards" -> r_mem
-    [num_memories] from the batch's probes (no gradient); "score" -> (r_mem, log-probs)
-    from one forward (engine=vllm: probes and the trainer's old log-probs together);
-    "hidden" -> hidden states [L, H]."""
+    """One method per use; each runs the packed base forward once, inside FSDP's unshard."""
+
+    # the methods `mempo.distributed.shard_model` registers as FSDP2 forward methods
+    fsdp_methods = ("policy_loss", "sft_loss", "logprobs", "memory_rewards", "score")
 
     def __init__(self, causal_lm: nn.Module, attention: str = "segment"):
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.lm = causal_lm
         self.attention = attention
 
-    def forward(self, batch: PackedBatch, mode: str = "policy_loss", *,
-                advantages: MemPOAdvantages | Tensor | None = None, temperature: float = 1.0,
-                loss_options: dict | None = None, num_global_tokens: int | None = None,
-                ref_logprobs: Tensor | None = None):
-        hidden = packed_hidden(self.lm, batch, self.attention)
-        weight = lm_head_weight(self.lm)
+    def forward(self, batch: PackedBatch) -> Tensor:
+        """-> hidden states [L, H]."""
+        return self._hidden(batch)
+
+    def _hidden(self, batch: PackedBatch) -> Tensor:
+        # not self(batch): under FSDP2 that would run the root's hooks again and reshard the
+        # LM head on return, inside the method that still needs it
+        return packed_hidden(self.lm, batch, self.attention)
+
+    def policy_loss(self, batch: PackedBatch, advantages: MemPOAdvantages | Tensor, options: PolicyLossOptions, *,
+                    temperature: float = 1.0, ref_logprobs: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The clipped policy loss of the batch's loss tokens -> (loss, detached metrics)."""
+        hidden, weight = self._hidden(batch), lm_head_weight(self.lm)
         device = weight.device
-        if mode == "hidden":
-            return hidden
-        if mode == "memory_rewards":
-            with torch.no_grad():
-                return memory_rewards_from_hidden(hidden, weight, batch, temperature)
-        mask = batch.loss_mask.to(device)
-        targets = batch.targets.to(device)
-        if mode in ("logprobs", "score"):
-            with torch.no_grad():
-                rows = mask.nonzero().squeeze(1)
-                out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=device)
-                out[rows] = linear_logprobs(hidden.index_select(0, rows), weight, targets.index_select(0, rows),
-                                            temperature).float()
-                if mode == "score":
-                    return memory_rewards_from_hidden(hidden, weight, batch, temperature), out
-                return out
-        if mode == "sft":
-            rows = mask.nonzero().squeeze(1)
-            logp = linear_logprobs(hidden.index_select(0, rows), weight, targets.index_select(0, rows), temperature)
-            denom = num_global_tokens if num_global_tokens is not None else max(1, rows.numel())
-            loss = -logp.sum() / denom
-            return loss, {"nll": (-logp.detach().mean() if rows.numel() else logp.new_zeros(())),
-                          "num_loss_tokens": torch.tensor(float(rows.numel()))}
-        if mode != "policy_loss":
-            raise ValueError("mode must be 'policy_loss', 'sft', 'logprobs', 'memory_rewards', 'score' or "
-                             f"'hidden', got {mode!r}")
-        if advantages is None:
-            raise ValueError("mode='policy_loss' needs advantages=")
         ref = None if ref_logprobs is None else ref_logprobs.to(device)
         seq_index = None if isinstance(advantages, MemPOAdvantages) else batch.seq_index.to(device)
-        return linear_policy_loss(hidden, weight, targets, batch.old_logprobs.to(device), advantages, mask, ref,
-                                  seq_index=seq_index, temperature=temperature, **(loss_options or {}))
+        return linear_policy_loss(hidden, weight, batch.targets.to(device), batch.old_logprobs.to(device), advantages,
+                                  batch.loss_mask.to(device), ref, seq_index=seq_index, temperature=temperature,
+                                  **dataclasses.asdict(options))
+
+    def sft_loss(self, batch: PackedBatch, *, num_global_tokens: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Token-mean NLL of the loss tokens (over num_global_tokens when given) -> (loss, metrics)."""
+        hidden, weight = self._hidden(batch), lm_head_weight(self.lm)
+        rows = batch.loss_mask.to(weight.device).nonzero().squeeze(1)
+        targets = batch.targets.to(weight.device).index_select(0, rows)
+        logp = linear_logprobs(hidden.index_select(0, rows), weight, targets)
+        loss = -logp.sum() / (num_global_tokens if num_global_tokens is not None else max(1, rows.numel()))
+        return loss, {"nll": -logp.detach().mean() if rows.numel() else logp.new_zeros(()),
+                      "num_loss_tokens": torch.tensor(float(rows.numel()))}
+
+    @torch.no_grad()
+    def logprobs(self, batch: PackedBatch, *, temperature: float = 1.0) -> Tensor:
+        """[L] float32 log-probs of the targets on loss rows, 0 elsewhere (old or reference log-probs)."""
+        return self._target_logprobs(self._hidden(batch), batch, temperature)
+
+    @torch.no_grad()
+    def memory_rewards(self, batch: PackedBatch, *, temperature: float = 1.0) -> Tensor:
+        """r_mem [num_memories] float64 (CPU) from the batch's probes."""
+        return self._memory_rewards(self._hidden(batch), batch, temperature)
+
+    @torch.no_grad()
+    def score(self, batch: PackedBatch, *, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(r_mem, log-probs) from one forward: the probes and the recomputed old log-probs."""
+        hidden = self._hidden(batch)
+        return self._memory_rewards(hidden, batch, temperature), self._target_logprobs(hidden, batch, temperature)
+
+    def _target_logprobs(self, hidden: Tensor, batch: PackedBatch, temperature: float) -> Tensor:
+        weight = lm_head_weight(self.lm)
+        rows = batch.loss_mask.to(weight.device).nonzero().squeeze(1)
+        out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=weight.device)
+        out[rows] = linear_logprobs(hidden.index_select(0, rows), weight,
+                                    batch.targets.to(weight.device).index_select(0, rows), temperature).float()
+        return out
+
+    def _memory_rewards(self, hidden: Tensor, batch: PackedBatch, temperature: float) -> Tensor:
+        """P(ans | q, m_t) - P(ans | q, history before m_t) per memory, from the probe rows."""
+        weight = lm_head_weight(self.lm)
+        rows = batch.probe_rows.to(weight.device)
+        targets = batch.targets.to(weight.device).index_select(0, rows)
+        logp = linear_logprobs(hidden.index_select(0, rows), weight, targets, temperature)
+        return batch_memory_rewards(logp, batch)
 
 
 def micro_batch_advantages(batch: PackedBatch, traj_adv: Tensor, mem_adv: Tensor, mem_coef: float,

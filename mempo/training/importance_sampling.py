@@ -87,7 +87,8 @@ def tis_weights(trainer_old_logprobs: Tensor, rollout_logprobs: Tensor, cap: flo
     if trainer_old_logprobs.shape != rollout_logprobs.shape:
         raise ValueError(f"trainer_old_logprobs {tuple(trainer_old_logprobs.shape)} and rollout_logprobs "
                          f"{tuple(rollout_logprobs.shape)} must have the same shape")
-    log_ratio = trainer_old_logprobs.detach().float() - rollout_logprobs.detach().float().to(trainer_old_logprobs.device)
+    rollout = rollout_logprobs.detach().float().to(trainer_old_logprobs.device)
+    log_ratio = trainer_old_logprobs.detach().float() - rollout
     units = torch.arange(log_ratio.numel(), device=log_ratio.device)
     return correction_weights(log_ratio.flatten(), units, RolloutCorrection(cap=cap))[0].view_as(log_ratio)
 

@@ -50,6 +50,6 @@ def initialise_root(model: nn.Module, batch) -> None:
     if not modules:
         return
     with torch.no_grad():
-        model(batch, mode="hidden")
+        model(batch)
     for m in modules:
         m.reshard()

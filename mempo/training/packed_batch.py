@@ -6,10 +6,9 @@ per-token training quantity is stored on the row that predicts it: targets, loss
 the rollout's sampling log-prob (the old policy), the trajectory index and, for memory
 tokens, the memory block index (for the MemPO memory advantage).
 
-Visibility per segment (exact at segment granularity, because a segment's `dropped_at`
-is always the start of a later segment): segment A sees segment B iff B starts no later
-than A and B was not dropped before A started; probe segments see what `Probe.visible`
-says. `visibility` holds, for every segment, the local indices of the segments it sees.
+Visibility is the trajectory's own segment record (each segment's `dropped_at`), turned into
+bitsets by `SegmentLayout.from_segments`, the one place the rule is written; probe segments
+carry an explicit `sees` row (the prompt and one memory, or the history before a memory).
 """
 from __future__ import annotations
 
@@ -18,26 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mempo.rollout.probes import Probe
+from mempo.algo.probes import Probe
+from mempo.ops.segment_layout import Segment, SegmentLayout
 from mempo.rollout.trajectory import Trajectory
-
-
-@dataclass
-class PackedSegment:
-    kind: str
-    step: int
-    start: int  # packed token range
-    end: int
-    seq: int  # packed sequence (trajectory) index in the batch
-    sees: list[int]  # local indices (within the sequence) of visible segments, itself included
 
 
 @dataclass
 class PackedBatch:
     input_ids: Tensor  # [L]
-    position_ids: Tensor  # [L]
-    cu_seqlens: Tensor  # [B+1] int32
-    segments: list[list[PackedSegment]]  # per sequence
+    layout: SegmentLayout  # who sees whom, rotary positions, cu_seqlens (probes included)
     targets: Tensor  # [L] next token (0 where none)
     loss_mask: Tensor  # [L] bool: target is a model-written trajectory token
     old_logprobs: Tensor  # [L] float32: rollout log-prob of the target
@@ -54,35 +42,32 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def position_ids(self) -> Tensor:
+        return self.layout.position_ids
 
-def _trajectory_segments(traj: Trajectory, offset: int, seq: int) -> list[PackedSegment]:
-    segs = sorted(traj.segments, key=lambda s: s.start)
-    out = []
-    for a, seg in enumerate(segs):
-        sees = [b for b, other in enumerate(segs)
-                if other.start <= seg.start and (other.dropped_at is None or seg.start < other.dropped_at)]
-        out.append(PackedSegment(seg.kind, seg.step, offset + seg.start, offset + seg.end, seq, sees))
-    return out
+    @property
+    def cu_seqlens(self) -> Tensor:
+        return self.layout.cu_seqlens
 
 
 def pack_trajectories(trajectories: list[Trajectory], probes: list[list[Probe]] | None = None) -> PackedBatch:
     """Pack trajectories (and optionally each one's probes) into one batch."""
-    ids, pos, targets, loss, old, seq_idx, mem_idx = [], [], [], [], [], [], []
-    probe_rows, probe_index, all_probes, probe_memory, segments, cu = [], [], [], [], [], [0]
+    ids, targets, loss, old, seq_idx, mem_idx = [], [], [], [], [], []
+    probe_rows, probe_index, all_probes, probe_memory, sequences, positions, cu = [], [], [], [], [], [], [0]
     memory_base = 0
     for s, traj in enumerate(trajectories):
         n = len(traj)
         if n == 0:
             raise ValueError(f"trajectory {s} is empty")
         offset = cu[-1]
-        segs = _trajectory_segments(traj, offset, s)
-        ordered = sorted(traj.segments, key=lambda x: x.start)
+        segs = sorted(traj.segments, key=lambda x: x.start)  # local token ranges; visibility from dropped_at
+        seq_pos = list(traj.position_ids)
         memory_of_token = [-1] * n
         for m, mem in enumerate(traj.memory_segments()):
             for t in range(mem.start, mem.end):
                 memory_of_token[t] = memory_base + m
         ids += traj.token_ids
-        pos += traj.position_ids
         targets += traj.token_ids[1:] + [0]
         loss += traj.loss_mask[1:] + [False]
         old += traj.sample_logprobs[1:] + [0.0]
@@ -91,12 +76,12 @@ def pack_trajectories(trajectories: list[Trajectory], probes: list[list[Probe]] 
         cursor = offset + n
         for probe in (probes[s] if probes is not None else []):
             k = len(probe.token_ids)
-            sees = [i for i, seg in enumerate(ordered)
+            sees = [i for i, seg in enumerate(segs[:len(traj.segments)])
                     if any(a <= seg.start and seg.end <= b for a, b in probe.visible(traj))]
             sees.append(len(segs))
-            segs.append(PackedSegment("probe", probe.memory.step, cursor, cursor + k, s, sees))
+            segs.append(Segment("probe", probe.memory.step, cursor - offset, cursor - offset + k, sees=sees))
             ids += probe.token_ids
-            pos += list(range(probe.first_position, probe.first_position + k))
+            seq_pos += range(probe.first_position, probe.first_position + k)
             targets += probe.token_ids[1:] + [0]
             loss += [False] * k
             old += [0.0] * k
@@ -109,13 +94,14 @@ def pack_trajectories(trajectories: list[Trajectory], probes: list[list[Probe]] 
             all_probes.append(probe)
             probe_memory.append(memory_base + probe.memory_number)
             cursor += k
-        segments.append(segs)
+        sequences.append(segs)
+        positions.append(seq_pos)
         cu.append(cursor)
         memory_base += len(traj.memory_segments())
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return PackedBatch(
-        input_ids=long(ids), position_ids=long(pos), cu_seqlens=torch.tensor(cu, dtype=torch.int32),
-        segments=segments, targets=long(targets), loss_mask=torch.tensor(loss, dtype=torch.bool),
+        input_ids=long(ids), layout=SegmentLayout.from_segments(sequences, positions), targets=long(targets),
+        loss_mask=torch.tensor(loss, dtype=torch.bool),
         old_logprobs=torch.tensor(old, dtype=torch.float32), seq_index=long(seq_idx),
         memory_index=long(mem_idx), probe_rows=long(probe_rows), probe_index=long(probe_index),
         probes=all_probes, probe_memory=long(probe_memory), num_memories=memory_base,
@@ -142,28 +128,10 @@ def split_by_token_budget(trajectories: list[Trajectory], max_tokens: int,
     return batches
 
 
-def dense_visibility(batch: PackedBatch) -> Tensor:
-    """[L, L] bool: row q may attend to column k (slow reference for tests; the training
-    path never builds it)."""
-    L = batch.num_tokens
-    mask = torch.zeros(L, L, dtype=torch.bool)
-    for segs in batch.segments:
-        for seg in segs:
-            for other_index in seg.sees:
-                other = segs[other_index]
-                for q in range(seg.start, seg.end):
-                    hi = min(other.end, q + 1)
-                    if hi > other.start:
-                        mask[q, other.start:hi] = True
-    return mask
-
-
 def _filler() -> PackedBatch:
-    from mempo.rollout.trajectory import Trajectory, TrajectorySegment
-
     t = Trajectory(task_index=-1, group_index=-1, token_ids=[0, 0], sample_logprobs=[0.0, 0.0],
-                   loss_mask=[False, True], segments=[TrajectorySegment("prompt", 0, 0, 1),
-                                                      TrajectorySegment("action", 1, 1, 2)])
+                   loss_mask=[False, True], segments=[Segment("prompt", 0, 0, 1),
+                                                      Segment("action", 1, 1, 2)])
     return pack_trajectories([t])
 
 

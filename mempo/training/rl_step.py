@@ -9,33 +9,34 @@ With the native engine in float32 the rollout's own sampling log-probs are the o
 (the rollout == training invariant makes them exact), so nothing is recomputed. In bf16 (a
 decode step and the packed forward round differently) or with another engine (`VLLMRollout`,
 which re-encodes kept context) the rollout samples from a slightly different distribution:
-then the probe forward also recomputes the old log-probs (opts.recompute_old_logprobs, or any
-engine but the native one), and tokens are reweighted by truncated importance sampling
-(opts.correction: per token, turn or sequence; truncated or masked). No reference model is involved unless kl_coef > 0 (`ref_policy` scores it).
+then the probe forward also recomputes the old log-probs (opts.recompute_old_logprobs, or an
+engine whose `exact_logprobs` is False), and tokens are reweighted by truncated importance sampling
+(opts.correction: per token, turn or sequence; truncated or masked). No reference model is
+involved unless kl_coef > 0 (`ref_policy` scores it).
 Normalisers are global (all micro-batches, all data-parallel ranks) so the gradient does
 not depend on how the batch was split.
 """
 from __future__ import annotations
 
-import statistics
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from mempo.ops.loss_inputs import token_advantages
-from mempo.distributed import all_reduce_max, all_reduce_sum, all_reduce_sums, clip_grad_norm, get_rank
+from mempo.algo import answer_cue_and_ids, batch_advantages, build_probes
+from mempo.distributed import all_reduce_max, all_reduce_sums, clip_grad_norm, get_rank
 from mempo.envs import score_answers
-from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, build_probes, run_rollout
+from mempo.models.hf import lm_head_weight
+from mempo.ops import PolicyLossOptions
+from mempo.ops.policy_loss import token_advantages
+from mempo.rollout import ContextPolicy, SamplingParams
 from mempo.rollout.trajectory import Trajectory
 
 from .diagnostics import DRIFT_KINDS, drift_by_kind, memory_stats
 from .fused_policy import FusedPolicy, micro_batch_advantages
 from .importance_sampling import RolloutCorrection, trajectory_rows, use_trainer_old_logprobs
-from .inference_mode import full_weights
-from .mempo_advantages import batch_advantages
 from .packed_batch import FILLER, pack_trajectories, split_by_token_budget
-from .policy_forward import lm_head_weight
 
 
 @dataclass
@@ -50,16 +51,9 @@ class RLStepOptions:
     grad_clip: float = 1.0
     ppo_epochs: int = 1
     mini_batches: int = 1
-    loss_options: dict = field(default_factory=dict)  # PolicyLossOptions fields
+    loss_options: PolicyLossOptions = field(default_factory=PolicyLossOptions)  # normalisers set per mini-batch
     correction: RolloutCorrection = field(default_factory=RolloutCorrection)  # when old log-probs are recomputed
     recompute_old_logprobs: bool = False  # the native engine too (bf16); other engines always recompute
-
-
-def answer_cue_and_ids(tokenizer, task, tags) -> tuple[list[int], list[int]]:
-    """Tokens of the probe's answer cue (the answer tag) and of the gold answer."""
-    cue = tokenizer(tags.answer[0], add_special_tokens=False)["input_ids"]
-    gold = f"{tags.answer_separator} ".join(a[0] for a in task.answers)
-    return cue, tokenizer(gold, add_special_tokens=False)["input_ids"]
 
 
 def evaluate_answers(trajectories: list[Trajectory], tasks) -> tuple[list[float], list[float]]:
@@ -102,24 +96,19 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
             optimizer: torch.optim.Optimizer, step: int, guard=None, ref_policy: FusedPolicy | None = None
             ) -> dict[str, float]:
     """One MemPO update on this rank's share of tasks (every rank calls it together).
-    engine: a NativeEngine over the policy's model (exact log-probs), or an object with
-    `rollout(policy, env, tokenizer, tasks, group_index, context, params)` (e.g. VLLMRollout)
-    whose log-probs are recomputed by the trainer.
+    engine: a rollout engine: `engine.rollout(policy, env, tokenizer, tasks, group_index, context,
+    params)` -> trajectories, and `engine.exact_logprobs` (True: its log-probs are the trainer's
+    own, as the native engine's; False: the trainer recomputes them, as for VLLMRollout).
     ref_policy: the frozen reference, needed (only) when loss_options has kl_coef > 0.
     Returns metrics over all ranks."""
-    if opts.loss_options.get("kl_coef", 0.0) and ref_policy is None:
+    if opts.loss_options.kl_coef > 0 and ref_policy is None:
         raise ValueError("loss_options kl_coef > 0 needs ref_policy")
     t0 = time.perf_counter()
     group_tasks = [t for t in tasks for _ in range(opts.group_size)]
     group_index = [i for i in range(len(tasks)) for _ in range(opts.group_size)]
     params = SamplingParams(**{**opts.sampling.__dict__, "seed": opts.sampling.seed + 1000 * step + get_rank()})
-    native = isinstance(engine, NativeEngine)  # the trainer's own model, in process
-    exact = native and not opts.recompute_old_logprobs  # else: recompute the old log-probs, reweight tokens
-    if native:
-        with full_weights(policy):
-            trajs = run_rollout(engine, env, tokenizer, group_tasks, group_index, opts.context, params)
-    else:
-        trajs = engine.rollout(policy, env, tokenizer, group_tasks, group_index, opts.context, params)
+    trajs = engine.rollout(policy, env, tokenizer, group_tasks, group_index, opts.context, params)
+    exact = engine.exact_logprobs and not opts.recompute_old_logprobs  # else: recompute old log-probs, reweight
     t_rollout = time.perf_counter() - t0
 
     # memory rewards: probes of every trajectory, scored without gradient
@@ -132,13 +121,13 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
     with torch.no_grad():
         for batch in _collective_batches(trajs, list(range(len(trajs))), opts.micro_batch_tokens, probes):
             if exact:
-                rewards = policy(batch, mode="memory_rewards", temperature=temperature)  # inside the root forward
+                rewards = policy.memory_rewards(batch, temperature=temperature)
             else:
-                rewards, logp = policy(batch, mode="score", temperature=temperature)
+                rewards, logp = policy.score(batch, temperature=temperature)
             if batch is not FILLER:
                 mem_rewards.append(rewards)
                 if not exact:
-                    logp = logp.cpu()  # one device -> host copy per micro-batch
+                    logp = logp.cpu()  # host sync: one device -> host copy per micro-batch (the TIS weights)
                     rows = trajectory_rows(batch, [len(trajs[i]) for i in batch.trajectory_ids])
                     for i, (a, b) in zip(batch.trajectory_ids, rows):
                         trainer_logprobs[i] = logp[a:b]
@@ -147,34 +136,40 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
     t_score = time.perf_counter() - t0 - t_rollout
 
     # update: ppo_epochs passes, each in mini_batches optimizer steps; old log-probs are the
-    # rollout's (exact engine) or the trainer's recomputed ones (then tokens are reweighted)
+    # rollout's (exact engine) or the trainer's recomputed ones (then tokens are reweighted).
+    # Step metrics stay on the device (sums weighted by each micro-batch's share of the
+    # tokens) until the one reduction at the end.
     device = lm_head_weight(policy.lm).device
+    kl = opts.loss_options.kl_coef > 0
     traj_offsets = [0]
     for t in trajs:
         traj_offsets.append(traj_offsets[-1] + len(t.memory_segments()))
-    sums = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "ratio_mean": 0.0, "kl_ref": 0.0, "tis_weight": 0.0,
-            "tis_masked": 0.0, "rollout_logprob_gap": 0.0, "rollout_kl": 0.0}
-    grad_norms, skipped, updates = [], 0, 0
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in (
+        "clip_frac", "approx_kl", "ratio_mean", "kl_ref", "tis_weight", "tis_masked", "rollout_logprob_gap",
+        "rollout_kl")}
+    grad_norms, losses, skipped, updates = [], [], 0, 0
     order = list(range(len(trajs)))
     for _ in range(opts.ppo_epochs):
         for chunk in _split_even(order, opts.mini_batches):
-            seqs_with_loss = sum(1 for i in chunk if any(trajs[i].loss_mask[1:]))
-            loss_tokens = sum(sum(trajs[i].loss_mask[1:]) for i in chunk)
-            global_seqs = max(1, int(all_reduce_sum(float(seqs_with_loss))))
-            global_tokens = max(1, int(all_reduce_sum(float(loss_tokens))))
-            loss_options = {**opts.loss_options, "num_global_seqs": global_seqs, "num_global_tokens": global_tokens}
+            # host sync (collective): the global normalisers must be known before the first loss
+            counts = all_reduce_sums({"seqs": sum(1 for i in chunk if any(trajs[i].loss_mask[1:])),
+                                      "tokens": sum(sum(trajs[i].loss_mask[1:]) for i in chunk)})
+            global_seqs, global_tokens = max(1, round(counts["seqs"])), max(1, round(counts["tokens"]))
+            loss_options = dataclasses.replace(opts.loss_options, num_global_seqs=global_seqs,
+                                               num_global_tokens=global_tokens)
             optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for batch in _collective_batches(trajs, chunk, opts.micro_batch_tokens):
                 if batch is FILLER:  # same number of forwards on every rank (FSDP collectives)
                     zero = micro_batch_advantages(batch, torch.zeros(1), torch.zeros(0), 0.0, device)
-                    ref = ref_policy(batch, mode="logprobs") if opts.loss_options.get("kl_coef", 0.0) else None
-                    loss, _ = policy(batch, advantages=zero, loss_options=opts.loss_options, ref_logprobs=ref)
+                    ref = ref_policy.logprobs(batch) if kl else None
+                    loss, _ = policy.policy_loss(batch, zero, opts.loss_options, ref_logprobs=ref)
                     (loss * 0.0).backward()
                     continue
                 ids = batch.trajectory_ids
                 mem_slice = torch.cat([adv.mem_adv[traj_offsets[i]:traj_offsets[i + 1]] for i in ids])
                 batch_adv = micro_batch_advantages(batch, adv.traj_adv[ids], mem_slice, opts.mem_coef, device)
+                share = float(batch.loss_mask.sum()) / global_tokens  # host: the mask is a CPU tensor
                 if not exact:  # old = the trainer's log-probs; tokens reweighted by opts.correction
                     rollout_old = batch.old_logprobs.clone()
                     tis, masked = use_trainer_old_logprobs(batch, [trajs[i] for i in ids],
@@ -182,78 +177,87 @@ def rl_step(policy: FusedPolicy, engine, env, tokenizer, tasks: list, opts: RLSt
                     batch_adv = token_advantages(batch_adv, torch.float32) * tis.to(device)
                     m = batch.loss_mask
                     log_ratio = (batch.old_logprobs - rollout_old)[m].double()  # log pi_old - log pi_rollout
-                    share = 1.0 / max(1, global_tokens)
-                    sums["tis_weight"] += float(tis[m].sum()) * share
-                    sums["tis_masked"] += float(masked[m].sum()) * share
-                    sums["rollout_logprob_gap"] += float(log_ratio.abs().sum()) * share
-                    # KL(rollout || trainer) on the rollout's samples, k3: r - 1 - log r with r = pi_old / pi_rollout
-                    sums["rollout_kl"] += float((log_ratio.exp() - 1 - log_ratio).sum()) * share
-                ref = None
-                if opts.loss_options.get("kl_coef", 0.0):
-                    ref = ref_policy(batch, mode="logprobs", temperature=temperature)
+                    gap = {"tis_weight": tis[m].sum(), "tis_masked": masked[m].sum(),
+                             "rollout_logprob_gap": log_ratio.abs().sum(),
+                             # KL(rollout || trainer) on the rollout's samples, k3: r - 1 - log r,
+                             # r = pi_old / pi_rollout
+                             "rollout_kl": (log_ratio.exp() - 1 - log_ratio).sum()}
+                    for key, value in gap.items():
+                        sums[key] += value.to(device, torch.float64) / global_tokens
+                ref = ref_policy.logprobs(batch, temperature=temperature) if kl else None
                 # gradients are summed over ranks: the loss already carries 1 / global count
-                loss, metrics = policy(batch, advantages=batch_adv, temperature=temperature,
-                                       loss_options=loss_options, ref_logprobs=ref)
+                loss, metrics = policy.policy_loss(batch, batch_adv, loss_options, temperature=temperature,
+                                                   ref_logprobs=ref)
                 loss.backward()
-                weight = float(batch.loss_mask.sum()) / max(1, global_tokens)
-                loss_sum += float(metrics["loss"])
+                loss_sum += metrics["loss"]
                 for key in ("clip_frac", "approx_kl", "ratio_mean", "kl_ref"):
-                    sums[key] += float(metrics.get(key, 0.0)) * weight
+                    if key in metrics:
+                        sums[key] += metrics[key] * share
             grad_norm = clip_grad_norm(policy, opts.grad_clip)
-            total_loss = all_reduce_sum(loss_sum)
+            # host sync (collective): the non-finite guard decides on the host, on the global loss
+            total_loss = all_reduce_sums({"loss": loss_sum})["loss"]
             if guard is None or guard.should_step(step, total_loss, grad_norm):
                 optimizer.step()
             else:
                 skipped += 1
             optimizer.zero_grad(set_to_none=True)
-            sums["loss"] += total_loss
+            losses.append(total_loss)
             grad_norms.append(grad_norm)
             updates += 1
     t_total = time.perf_counter() - t0
 
-    rewards = [t.reward for t in trajs]
+    # metrics: per-rank sums and counts, reduced in one collective (the step's last host sync)
     em, f1 = evaluate_answers(trajs, group_tasks)
-    # diagnostics: what the memories hold; where rollout and trainer log-probs drift (one collective)
+    rewards = [t.reward for t in trajs]
     mem = memory_stats(trajs, group_tasks, tokenizer, tags)
-    totals = {f"memory/{k}": float(sum(v)) for k, v in mem.items()} | {"memory/count": float(len(mem["length"]))}
+    totals = {
+        "trajectories": len(trajs), "reward": sum(rewards), "reward_sq": sum(r * r for r in rewards),
+        "em": sum(em), "f1": sum(f1), "format_valid": sum(float(t.format_valid) for t in trajs),
+        "TT": sum(float(t.tokens_processed) for t in trajs), "PT": sum(float(t.peak_context) for t in trajs),
+        "memories": mem_rewards.numel(), "memory_reward": mem_rewards.sum().item(),
+        "memory_adv_abs": adv.mem_adv.abs().sum().item(), "traj_adv_abs": adv.traj_adv.abs().sum().item(),
+        "memory/count": float(len(mem["length"])), **{f"memory/{k}": float(sum(v)) for k, v in mem.items()},
+        **{f"update/{k}": v for k, v in sums.items()},
+    }
     if not exact:
         drift = drift_by_kind(trajs, [torch.tensor(trajs[i].sample_logprobs[1:]) for i in range(len(trajs))],
                               [trainer_logprobs[i] for i in range(len(trajs))], tokenizer, tags)
         totals |= {f"drift/{k}": s for k, (s, _) in drift.items()} | {f"drift_n/{k}": float(n) for k, (_, n) in
                                                                          drift.items()}
-    totals = all_reduce_sums(totals)
-    diagnostics = {f"memory/{k}_mean" if k != "gold_recall" else "memory/gold_recall":
-                   totals[f"memory/{k}"] / max(1.0, totals["memory/count"]) for k in mem}
+    g = all_reduce_sums(totals)
+    n, n_mem = max(1.0, g["trajectories"]), max(1.0, g["memories"])
+    reward_mean = g["reward"] / n
+    out = {
+        "reward/mean": reward_mean,
+        "reward/std": max(0.0, g["reward_sq"] / n - reward_mean ** 2) ** 0.5,  # over all ranks' trajectories
+        "em": g["em"] / n,
+        "f1": g["f1"] / n,
+        "memory_reward/mean": g["memory_reward"] / n_mem,
+        "memory_adv/abs_mean": g["memory_adv_abs"] / n_mem,
+        "traj_adv/abs_mean": g["traj_adv_abs"] / n,
+        "loss": sum(losses) / updates,
+        "clip_fraction": g["update/clip_frac"] / updates,
+        "kl": g["update/approx_kl"] / updates,
+        "kl_ref": g["update/kl_ref"] / updates,
+        "ratio/mean": g["update/ratio_mean"] / updates,
+    }
     if not exact:
-        diagnostics |= {f"drift/{k}": totals[f"drift/{k}"] / max(1.0, totals[f"drift_n/{k}"]) for k in DRIFT_KINDS}
-    # float() on both sides: ranks must pass the same dtype to the collective (an empty list sums to int 0)
-    mean = lambda xs: all_reduce_sum(float(sum(xs))) / max(1.0, all_reduce_sum(float(len(xs))))  # noqa: E731
-    tokens = all_reduce_sum(float(sum(t.tokens_processed for t in trajs)))
-    return {
-        "reward/mean": mean(rewards),
-        "reward/std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
-        "em": mean(em),
-        "f1": mean(f1),
-        "memory_reward/mean": mean(mem_rewards.tolist()),
-        "memory_adv/abs_mean": mean(adv.mem_adv.abs().tolist()),
-        "traj_adv/abs_mean": mean(adv.traj_adv.abs().tolist()),
-        "loss": sums["loss"] / updates,
-        "clip_fraction": all_reduce_sum(sums["clip_frac"]) / updates,
-        "kl": all_reduce_sum(sums["approx_kl"]) / updates,
-        "kl_ref": all_reduce_sum(sums["kl_ref"]) / updates,
-        "ratio/mean": all_reduce_sum(sums["ratio_mean"]) / updates,
-        **({} if exact else {"tis/weight_mean": all_reduce_sum(sums["tis_weight"]) / updates,
-                             "tis/masked_fraction": all_reduce_sum(sums["tis_masked"]) / updates,
-                             "rollout/logprob_gap": all_reduce_sum(sums["rollout_logprob_gap"]) / updates,
-                             "rollout/kl": all_reduce_sum(sums["rollout_kl"]) / updates}),
-        **diagnostics,
-        "grad_norm": statistics.mean(grad_norms),
+        out |= {"tis/weight_mean": g["update/tis_weight"] / updates,
+                "tis/masked_fraction": g["update/tis_masked"] / updates,
+                "rollout/logprob_gap": g["update/rollout_logprob_gap"] / updates,
+                "rollout/kl": g["update/rollout_kl"] / updates}
+    out |= {f"memory/{k}_mean" if k != "gold_recall" else "memory/gold_recall":
+            g[f"memory/{k}"] / max(1.0, g["memory/count"]) for k in mem}
+    if not exact:
+        out |= {f"drift/{k}": g[f"drift/{k}"] / max(1.0, g[f"drift_n/{k}"]) for k in DRIFT_KINDS}
+    return out | {
+        "grad_norm": sum(grad_norms) / len(grad_norms),
         "skipped": float(skipped),
-        "TT": mean([float(t.tokens_processed) for t in trajs]),
-        "PT": mean([float(t.peak_context) for t in trajs]),
-        "format_valid": mean([float(t.format_valid) for t in trajs]),
+        "TT": g["TT"] / n,
+        "PT": g["PT"] / n,
+        "format_valid": g["format_valid"] / n,
         "rollout_s": t_rollout,
         "score_s": t_score,
         "step_s": t_total,
-        "tokens_per_s": tokens / t_total,
+        "tokens_per_s": g["TT"] / t_total,
     }

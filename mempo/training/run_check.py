@@ -4,9 +4,11 @@ needs except the optimizer, print the resolved plan and exit 0, or exit 1 with t
 The model is built on the `meta` device from its config (no weights are read: a 7B plan
 checks on a laptop); the weight files' headers are read to check that every parameter is
 there with its shape. The search tool answers one live query (an unreachable server is a
-problem). Memory per rank: parameters, gradients and AdamW state (float32, sharded over
-`ranks` by FSDP) and the native rollout engine's KV cache (rows x rollout.max_total_tokens,
-as allocated today); activations are not estimated.
+problem). Memory per rank (`memory_plan`): parameters, gradients and AdamW state (float32,
+sharded over `ranks` by FSDP), the rollout's full weights and paged KV pool (rollout.
+kv_cache_memory, and how many rows fit in it at rollout.max_total_tokens), and an estimate of
+the update's activations at algorithm.micro_batch_tokens; a pool that cannot hold one row is a
+problem, a peak above one 80 GiB GPU a warning.
 """
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ import json
 import math
 import os
 import struct
+from dataclasses import dataclass
 
 import torch
 
 from mempo.config import Config
-from mempo.model_builder import ModelLoadError, tiny_qwen2_config
+from mempo.models.builder import ModelLoadError, tiny_qwen2_config
 
 from .task_side import SetupError, build_task_side, live_query
 
@@ -133,19 +136,102 @@ def plan_lines(cfg: Config, ranks: int) -> list[tuple[str, str]]:
     lines.append(("batches", f"{cfg.rollout.batch_size} tasks x G={cfg.rollout.group_size} per step over {ranks} "
                              f"rank(s): {rows} trajectories per rank; micro-batches of "
                              f"{cfg.algorithm.micro_batch_tokens} tokens per rank"))
-    state = 16 * params / ranks  # fp32 weights + grads + AdamW exp_avg + exp_avg_sq, sharded
+    plan = memory_plan(cfg, mc, params, ranks)
+    lines.append(("memory", plan.summary()))
+    lines.append(("kv pool", plan.kv_line()))
+    if plan.pool_tokens < cfg.rollout.max_total_tokens:
+        raise SetupError(f"rollout.kv_cache_memory={cfg.rollout.kv_cache_memory}: the KV pool "
+                         f"({_fmt_bytes(plan.pool)}) holds {plan.pool_tokens} tokens; one row needs room for "
+                         f"rollout.max_total_tokens={cfg.rollout.max_total_tokens}")
+    if plan.peak > GPU_BYTES:
+        lines.append(("warning", f"{_fmt_bytes(plan.peak)} per rank is more than one {GPU_BYTES // GiB} GiB GPU "
+                                 f"holds: lower algorithm.micro_batch_tokens or rollout.kv_cache_memory, or use "
+                                 f"more ranks"))
+    return lines
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank of one GPU (GPU_BYTES), by phase. The rollout holds the sharded training
+    state, the full compute-dtype weights (unsharded for the rollout) and the KV pool; the
+    update holds the state and the activations of one micro-batch (the pool is freed between
+    rollouts and its memory reused). Activations are an estimate (see `activation_bytes`)."""
+
+    state: float  # float32 weights + grads + AdamW moments, sharded
+    rollout_weights: float  # compute-dtype full weights during the rollout
+    activations: float
+    pool: float  # the KV pool the budget gives (capped at what every row needs)
+    kv_per_token: int
+    rows: int  # trajectories per rank
+    row_tokens: int  # rollout.max_total_tokens
+    ranks: int
+    micro_batch_tokens: int
+
+    @property
+    def pool_tokens(self) -> int:
+        return int(self.pool // self.kv_per_token)
+
+    @property
+    def rows_at_full_length(self) -> int:
+        """Rows resident at once if every one held max_total_tokens (keep_all's worst case)."""
+        return min(self.rows, self.pool_tokens // self.row_tokens)
+
+    @property
+    def dense(self) -> float:
+        """What a dense rows x max_total_tokens cache would take."""
+        return float(self.rows) * self.row_tokens * self.kv_per_token
+
+    @property
+    def peak(self) -> float:
+        return self.state + max(self.rollout_weights + self.pool, self.activations)
+
+    def summary(self) -> str:
+        return (f"per rank: weights + grads + AdamW {_fmt_bytes(self.state)} (float32, sharded over {self.ranks}); "
+                f"rollout: full weights {_fmt_bytes(self.rollout_weights)} + KV pool {_fmt_bytes(self.pool)}; "
+                f"update: activations ~{_fmt_bytes(self.activations)} at {self.micro_batch_tokens} tokens; "
+                f"peak {_fmt_bytes(self.peak)} of {GPU_BYTES // GiB} GiB")
+
+    def kv_line(self) -> str:
+        return (f"{self.pool_tokens} tokens ({self.kv_per_token // 1024} KiB per token): {self.rows_at_full_length} "
+                f"of {self.rows} rows at once even if every row held {self.row_tokens} tokens (no eviction); "
+                f"rows beyond wait for blocks; a dense cache would need {_fmt_bytes(self.dense)}")
+
+
+def activation_bytes(mc, tokens: int, dtype_bytes: int, checkpointing: bool) -> float:
+    """A layer's activations kept for backward, per token: the attention block (norm, q/k/v,
+    attention output, o-proj, residual: ~6 hidden-sized vectors plus the KV heads) and the MLP
+    (gate, up, their product: 3 intermediate-sized, plus norm and residual). With activation
+    checkpointing only each layer's input is kept, and one layer's set is rebuilt at a time.
+    The LM head is chunked by the fused loss (no [tokens, vocab] logits)."""
     head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
     kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
-    kv_bytes = DTYPE_BYTES["bfloat16" if cfg.model.dtype != "float32" else "float32"]
-    kv = mc.num_hidden_layers * 2 * rows * kv_heads * cfg.rollout.max_total_tokens * head_dim * kv_bytes
-    lines.append(("memory", f"per rank: weights + grads + AdamW {_fmt_bytes(state)} (float32, sharded over "
-                            f"{ranks}); rollout KV cache {_fmt_bytes(kv)} ({rows} rows x "
-                            f"{cfg.rollout.max_total_tokens} tokens, dense as allocated today); activations at "
-                            f"{cfg.algorithm.micro_batch_tokens} tokens not estimated"))
-    if state + kv > GPU_BYTES:
-        lines.append(("warning", f"{_fmt_bytes(state + kv)} per rank is more than one {GPU_BYTES // GiB} GiB GPU "
-                                 f"holds: lower rollout.batch_size or rollout.max_total_tokens, or use more ranks"))
-    return lines
+    layer = tokens * dtype_bytes * (8 * mc.hidden_size + 2 * kv_heads * head_dim + 3 * mc.intermediate_size)
+    if checkpointing:
+        return mc.num_hidden_layers * tokens * mc.hidden_size * dtype_bytes + layer
+    return mc.num_hidden_layers * layer
+
+
+def memory_plan(cfg: Config, mc, params: int, ranks: int) -> MemoryPlan:
+    """The per-rank memory of the run from the model's config alone (meta device)."""
+    per_rank_tasks = math.ceil(cfg.rollout.batch_size / ranks)
+    rows = per_rank_tasks * cfg.rollout.group_size
+    dtype_bytes = DTYPE_BYTES["bfloat16" if cfg.model.dtype != "float32" else "float32"]
+    state = 16 * params / ranks  # fp32 weights + grads + AdamW exp_avg + exp_avg_sq, sharded
+    rollout_weights = float(params * dtype_bytes)
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    kv_heads = getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads
+    per_token = mc.num_hidden_layers * 2 * kv_heads * head_dim * dtype_bytes
+    # as NativeEngine.pool_blocks: a fraction of what is free when the rollout starts, or GiB
+    budget = cfg.rollout.kv_cache_memory
+    free = max(0.0, GPU_BYTES - state - rollout_weights)
+    pool = budget * free if budget <= 1 else budget * GiB
+    block = cfg.rollout.kv_block_size * per_token
+    row_blocks = math.ceil(cfg.rollout.max_total_tokens / cfg.rollout.kv_block_size)
+    pool = min(pool // block, rows * row_blocks) * block
+    activations = activation_bytes(mc, cfg.algorithm.micro_batch_tokens, dtype_bytes,
+                                   cfg.model.activation_checkpointing)
+    return MemoryPlan(state, rollout_weights, activations, pool, per_token, rows, cfg.rollout.max_total_tokens, ranks,
+                      cfg.algorithm.micro_batch_tokens)
 
 
 def _fmt_bytes(n: float) -> str:

@@ -13,7 +13,7 @@ import os
 
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from mempo.checkpoint import hf_model_and_prefix, export_hf
+from mempo.checkpoint import export_hf, hf_model_and_prefix
 from mempo.distributed import barrier, get_world_size
 from mempo.rollout import ContextPolicy, SamplingParams
 from mempo.rollout.vllm_agent_loop import run_rollout_vllm
@@ -21,7 +21,10 @@ from mempo.rollout.vllm_engine import VLLMEngine, vllm_available
 
 
 class VLLMRollout:
-    """The rollout side of engine=vllm: `rollout(...)` has run_rollout's signature plus the policy."""
+    """The rollout side of engine=vllm, with the native engine's interface: `rollout(policy, env,
+    tokenizer, tasks, group_index, context, params)` and `exact_logprobs`."""
+
+    exact_logprobs = False  # vLLM re-encodes kept context: the trainer recomputes the old log-probs
 
     def __init__(self, policy, tokenizer, directory: str | os.PathLike, *, dtype: str, max_model_len: int,
                  seed: int, gpu_memory_utilization: float):

@@ -18,9 +18,15 @@ import torch.nn.functional as F
 
 from mempo.checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from mempo.config import Config, OptimizerConfig
-from mempo.distributed import (all_reduce_sum, clip_grad_norm, destroy_distributed, init_distributed,
-                               shard_for_rank, shard_model)
-from mempo.model_builder import build_model
+from mempo.distributed import (
+    all_reduce_sum,
+    clip_grad_norm,
+    destroy_distributed,
+    init_distributed,
+    shard_for_rank,
+    shard_model,
+)
+from mempo.models.builder import build_model
 from mempo.optim import build_lr_scheduler, build_optimizer
 from mempo.step_guard import NonFiniteStepGuard
 

@@ -3,8 +3,7 @@ import random
 
 import pytest
 
-from mempo.envs import RewardConfig, exact_match, normalize_answer, score_answers, token_f1
-from mempo.envs import trajectory_reward
+from mempo.envs import RewardConfig, exact_match, normalize_answer, score_answers, token_f1, trajectory_reward
 from mempo.envs.scoring import objective_scores
 
 

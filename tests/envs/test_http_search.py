@@ -7,9 +7,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+from serving import Serving
 
 from mempo.envs import BM25Search, HttpSearch, SearchServerError
-from serving import Serving
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def test_client_matches_local_tool(world, bm25_server):
     remote, local = client.search(queries, 3), world.search_tool.search(queries, 3)
     assert [[(d.id, d.title, d.text) for d in docs] for docs in remote] == \
            [[(d.id, d.title, d.text) for d in docs] for docs in local]
-    assert all(abs(r.score - l.score) < 1e-5 for rs, ls in zip(remote, local) for r, l in zip(rs, ls))
+    assert all(abs(r.score - loc.score) < 1e-5 for rs, ls in zip(remote, local) for r, loc in zip(rs, ls))
 
 
 def test_search_r1_wire_format(bm25_server, world):

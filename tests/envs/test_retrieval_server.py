@@ -12,10 +12,10 @@ import threading
 import time
 
 import pytest
+from serving import Serving
 
 from mempo.envs import HttpSearch, SearchServerError
 from mempo.envs.retrieval_server import MAX_BODY_BYTES, MAX_QUERIES
-from serving import Serving
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def _raw_exchange(port, request, timeout_s=3.0):
                 length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
                 if end and length and len(body) >= int(length.group(1)):
                     break
-        except (socket.timeout, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
     return answer
 

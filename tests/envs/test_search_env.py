@@ -1,8 +1,7 @@
 """SearchEnv stepping (batched tool calls, endings, rewards), replay, context and TT/PT."""
 import pytest
 
-from mempo.envs import (Doc, EnvConfig, SearchEnv, Task, Trajectory, Turn, build_prompt,
-                        token_usage, visible_context)
+from mempo.envs import Doc, EnvConfig, SearchEnv, Task, Trajectory, Turn, build_prompt, token_usage, visible_context
 
 
 class _CountingTool:

@@ -101,3 +101,77 @@ def test_write_files_load_back(world, tmp_path):
     assert load_tasks(tmp_path / "train.jsonl") == world.tasks("train")
     world.write_corpus(tmp_path / "corpus.jsonl")
     assert BM25Search.from_jsonl(tmp_path / "corpus.jsonl").search(["x"], 1) is not None
+
+
+
+def _entries(memory: str) -> dict[int, str]:
+    """'1: Kavaizi; 2: mentor Ana' -> {1: 'Kavaizi', 2: 'mentor Ana'}"""
+    return {int(k): v for k, _, v in (e.partition(": ") for e in memory.split("; ") if e)}
+
+
+@pytest.mark.parametrize("omit", [0.0, 0.5])
+@pytest.mark.parametrize("num_objectives", [1, 2, 4])
+def test_answers_memory_tells_which_objectives_are_done(world, num_objectives, omit):
+    """answers style: one entry per objective begun; each search goes to the first objective not
+    done (its first hop, or the hop after its bridge); once written, an answer (or UNKNOWN) stays;
+    the answer turn copies the entries; the reward is the fraction of answers kept."""
+    from mempo.envs.tiny_world_expert import UNKNOWN
+
+    tasks = world.tasks("train", num_objectives)[:64]
+    trajectories = world.expert_trajectories(tasks, memory="answers", omit=omit)
+    env, unknown = world.env(), 0
+    for task, trajectory in zip(tasks, trajectories):
+        plan = world.plan(task)
+        steps = [parse_step(t.model, num_objectives=num_objectives) for t in trajectory.turns]
+        memories = [_entries(step.memory) for step in steps]
+        for step, memory in zip(steps[:-1], memories):
+            todo = next(i for i in range(num_objectives) if memory.get(i + 1, " ").split(" ")[0]
+                        in ("", "mentor", "born"))
+            hops, value = plan[todo], memory.get(todo + 1)
+            expected = hops[0] if value is None else next(h for h in hops[1:] if h.subject == value.split(" ")[1])
+            assert step.query == expected.query
+        for before, after in zip(memories, memories[1:]):
+            for i, value in before.items():  # entries only ever move from a bridge to the answer
+                assert after[i] == value or value.split(" ")[0] in ("mentor", "born")
+        last = memories[-1]
+        assert sorted(last) == list(range(1, num_objectives + 1))
+        assert steps[-1].answers == tuple(last[i + 1] for i in range(num_objectives))
+        assert all(last[i + 1] in (hops[-1].object, UNKNOWN) for i, hops in enumerate(plan))
+        kept = sum(a != UNKNOWN for a in steps[-1].answers)
+        assert env.replay(trajectory).reward == pytest.approx(kept / num_objectives)
+        unknown += num_objectives - kept
+    fraction = unknown / (len(tasks) * num_objectives)
+    assert (fraction == 0.0) if omit == 0.0 else (0.35 < fraction < 0.65)
+
+
+def test_lossy_expert_is_per_task_and_needs_the_answers_style(world):
+    tasks = world.tasks("train", 2)[:20]
+    lossy = world.expert_trajectories(tasks, memory="answers", omit=0.5)
+    assert world.expert_trajectories(tasks[5:], memory="answers", omit=0.5) == lossy[5:]  # per task, not batch
+    assert lossy != world.expert_trajectories(tasks, memory="answers")
+    assert build_tiny_world(seed=0, expert_memory="answers", expert_omit=0.5).expert_trajectories(tasks) == lossy
+    assert world.expert_trajectories(tasks) == world.expert_trajectories(tasks, memory="facts")  # the default
+    with pytest.raises(ValueError, match="expert_omit"):
+        build_tiny_world(expert_memory="answers", expert_omit=1.0)
+    with pytest.raises(ValueError, match="expert_omit > 0 needs expert_memory 'answers'"):
+        build_tiny_world(expert_omit=0.5)
+    with pytest.raises(ValueError, match="expert_memory"):
+        build_tiny_world(expert_memory="summary")
+
+
+def test_lossy_answer_and_bridge_are_separate_entries(world):
+    """'Where was X born?' + 'In which country was X born?': one search finds X's birthplace; a
+    nearly always omitting expert loses the first answer, yet the second entry keeps the bridge."""
+    from mempo.envs import Task
+    from mempo.envs.tiny_world_expert import UNKNOWN
+
+    by_question = {q.task.questions[0]: q for q in world.questions}
+    person = next(p for p in world.facts.people if f"Where was {p} born?" in by_question
+                  and f"In which country was {p} born?" in by_question)
+    single, double = by_question[f"Where was {person} born?"], by_question[f"In which country was {person} born?"]
+    task = Task("bridge", single.task.questions + double.task.questions, single.task.answers + double.task.answers)
+    (trajectory,) = world.expert_trajectories([task], memory="answers", omit=0.99)
+    steps = [parse_step(t.model, num_objectives=2) for t in trajectory.turns]
+    city = single.hops[-1].object
+    assert [s.memory for s in steps] == ["", f"1: {UNKNOWN}; 2: born {city}", f"1: {UNKNOWN}; 2: {UNKNOWN}"]
+    assert steps[1].query == double.hops[1].query and steps[-1].answers == (UNKNOWN, UNKNOWN)

@@ -4,8 +4,7 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from mempo.envs import build_tiny_world, load_tokenizer, save_tokenizer, tiny_world_tokenizer
-from mempo.envs import train_tokenizer
+from mempo.envs import build_tiny_world, load_tokenizer, save_tokenizer, tiny_world_tokenizer, train_tokenizer
 from mempo.envs.tokenizer import tag_tokens
 
 

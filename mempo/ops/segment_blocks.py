@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mempo.segment_layout import SegmentLayout
+from mempo.ops.segment_layout import SegmentLayout
 
 
 @dataclass
@@ -41,7 +41,7 @@ class SegmentBlocks:
     col_partial: Tensor
     density: float  # visible tiles (full + partial) / causal tiles
 
-    def to(self, device: torch.device | str) -> "SegmentBlocks":
+    def to(self, device: torch.device | str) -> SegmentBlocks:
         return SegmentBlocks(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(self).items()})
 
 

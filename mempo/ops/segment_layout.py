@@ -10,12 +10,12 @@ segments of s's own sequence (bit j of word j // 32 = local segment j is visible
 
 Building is O(S * W + L) numpy per batch; `dense_mask()` (tests, references) is the only
 place an L x L tensor exists. Block tables for the Triton kernel are derived in
-`mempo.segment_blocks`.
+`mempo.ops.segment_blocks`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ class SegmentLayout:
     def device(self) -> torch.device:
         return self.token_segment.device
 
-    def to(self, device: torch.device | str) -> "SegmentLayout":
+    def to(self, device: torch.device | str) -> SegmentLayout:
         """Copy the (small) metadata to `device` once; block tables are rebuilt lazily, from
         the host copy this keeps (so building them costs no device -> host transfer)."""
         names = ("cu_seqlens", "position_ids", "token_segment", "segment_base", "segment_kind",
@@ -95,7 +95,7 @@ class SegmentLayout:
             moved._cache["host"] = self.host()
         return moved
 
-    def host(self) -> "SegmentLayout":
+    def host(self) -> SegmentLayout:
         """This layout on the CPU (itself, the copy it was moved from, or a new copy)."""
         if self.device.type == "cpu":
             return self
@@ -125,7 +125,7 @@ class SegmentLayout:
     @staticmethod
     def from_segments(sequences: Sequence[Sequence[Segment]],
                       position_ids: Sequence[Sequence[int] | np.ndarray | Tensor | None] | None = None,
-                      ) -> "SegmentLayout":
+                      ) -> SegmentLayout:
         """Pack trajectories, each a list of segments tiling [0, length) in order.
 
         position_ids: one per sequence (length = its token count) or None -> 0..length-1.
@@ -154,7 +154,7 @@ class SegmentLayout:
             # A sees B iff B starts no later than A and B was not dropped by A's start.
             vis = (starts[None, :] <= starts[:, None]) & (starts[:, None] < dropped[None, :])
             for a, s in enumerate(segs):
-                sees = getattr(s, "sees", None)  # rollout segments (TrajectorySegment) have none
+                sees = s.sees
                 if sees is not None:
                     idx = np.asarray(list(sees), dtype=np.int64).reshape(-1)
                     if ((idx < 0) | (idx >= len(segs))).any():  # a negative index would wrap around
@@ -170,7 +170,7 @@ class SegmentLayout:
     def from_tables(segment_lengths: Sequence[Sequence[int]], visible: Sequence[np.ndarray | Tensor],
                     position_ids: Sequence[Sequence[int] | np.ndarray | Tensor | None] | None = None,
                     kinds: Sequence[Sequence[str]] | None = None,
-                    steps: Sequence[Sequence[int]] | None = None) -> "SegmentLayout":
+                    steps: Sequence[Sequence[int]] | None = None) -> SegmentLayout:
         """Pack sequences given per-sequence segment lengths and [n, n] bool visibility tables."""
         tables, lengths = [], []
         for b, (seg_len, vis) in enumerate(zip(segment_lengths, visible, strict=True)):

@@ -1,4 +1,4 @@
-"""kernels/logit_epilogue.py at its launch settings: chosen from the tensor's device, compiled
+"""kernels/chunk_epilogue.py at its launch settings: chosen from the tensor's device, compiled
 for sm_90 at the CUDA settings (no GPU needed), and on a GPU at realistic shapes (V=151,936;
 N=16k, H=4096, bf16) against float64 torch references of the same math. The same checks run
 on the CPU under the interpreter at small shapes, so the references themselves are tested."""
@@ -8,19 +8,18 @@ import sys
 
 import pytest
 import torch
+from loss_cases import epilogue_float64_truth
 
 from mempo.ops import linear_policy_loss
-from mempo.ops.loss_options import PolicyLossOptions
-from mempo.ops.surrogate import surrogate_terms
+from mempo.ops.policy_loss import PolicyLossOptions, surrogate_terms
 from mempo.reference.logprobs import logprobs_reference, policy_loss_reference
-from test_chunk_epilogue import _float64_truth
 
 triton_runs = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                  reason="Triton needs CUDA or the interpreter")
 
 
 def test_launch_config_follows_the_tensor_device():
-    from mempo.kernels.logit_epilogue import launch_config
+    from mempo.kernels.chunk_epilogue import launch_config
 
     assert launch_config(torch.device("cuda"), 151936) == (4096, 8)
     assert launch_config(torch.device("cuda", 1), 1000) == (1024, 8)
@@ -32,7 +31,7 @@ def test_launch_config_follows_the_tensor_device():
 
 def test_cpu_tensors_get_interpreter_settings_on_a_cuda_machine(monkeypatch):
     """The launch reads the tensor's device, not torch.cuda.is_available()."""
-    from mempo.kernels import logit_epilogue as E
+    from mempo.kernels import chunk_epilogue as E
 
     launches = []
 
@@ -41,8 +40,8 @@ def test_cpu_tensors_get_interpreter_settings_on_a_cuda_machine(monkeypatch):
             return lambda *args, **kw: launches.append((grid, kw["BLOCK_V"], kw["num_warps"]))
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(E, "_logit_epilogue_kernel", FakeKernel())
-    E.logit_epilogue(torch.zeros(3, 1000), torch.zeros(3, dtype=torch.long), 1.0)
+    monkeypatch.setattr(E, "_chunk_epilogue_kernel", FakeKernel())
+    E.chunk_epilogue(torch.zeros(3, 1000), torch.zeros(3, dtype=torch.long), 1.0)
     assert launches == [((3,), 128, 1)]
 
 
@@ -60,12 +59,12 @@ import os, subprocess, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mempo.kernels import logit_epilogue as E
-kern = E._logit_epilogue_kernel
+from mempo.kernels import chunk_epilogue as E
+kern = E._chunk_epilogue_kernel
 block_v, num_warps = E.launch_config(torch.device("cuda"), 151936)
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 for mode, ent, dual, kl, grad in {COMPILE_CASES!r}:
-    consts = dict(MODE=mode, WITH_ENTROPY=ent, HAS_DUAL_CLIP=dual, KL_KIND=kl, CLAMP=E.LOG_RATIO_CLAMP,
+    consts = dict(MODE=mode, WITH_ENTROPY=ent, HAS_DUAL_CLIP=dual, KL_KIND=kl, CLAMP=20.0,
                   BLOCK_V=block_v)
     sig = {{n: "constexpr" if n in consts else grad if n == "grad_ptr" else "*i64" if n == "targets_ptr"
            else "*fp32" if n.endswith("_ptr") else "i32" if n.startswith("stride") or n == "V" else "fp32"
@@ -94,23 +93,23 @@ for mode, ent, dual, kl, grad in {COMPILE_CASES!r}:
 def check_kernel_modes(device: str, c: int, v: int, scale: float = 10.0, inv_t: float = 1 / 0.7) -> None:
     """Stats (+ entropy), gradient and policy-loss modes on a [c, v] float32 chunk against
     float64 torch, the gradient both in place (float32) and into a bf16 buffer."""
-    from mempo.kernels.logit_epilogue import logit_epilogue
+    from mempo.kernels.chunk_epilogue import chunk_epilogue
 
     logits = torch.randn(c, v, device=device) * scale
     targets = torch.randint(0, v, (c,), device=device)
     g_lp, g_ent = torch.randn(c, device=device), torch.randn(c, device=device)
-    lse, zt, mean_z, grad = _float64_truth(logits, targets, inv_t, g_lp.double(), g_ent.double())
-    lse_k, logp_k, mz_k = logit_epilogue(logits, targets, inv_t, with_entropy=True)
+    lse, zt, mean_z, grad = epilogue_float64_truth(logits, targets, inv_t, g_lp.double(), g_ent.double())
+    lse_k, logp_k, mz_k = chunk_epilogue(logits, targets, inv_t, with_entropy=True)
     stats_tol = dict(rtol=1e-5, atol=2e-4)  # |z| up to ~5 * scale / 0.7: float32 sums over V
     torch.testing.assert_close(lse_k.double(), lse, **stats_tol)
     torch.testing.assert_close(logp_k.double(), zt - lse, **stats_tol)
     torch.testing.assert_close(mz_k.double(), mean_z, **stats_tol)
 
     out = logits.clone()
-    logit_epilogue(out, targets, inv_t, grad_out=out, saved=(lse_k, mz_k, g_lp, g_ent))
+    chunk_epilogue(out, targets, inv_t, grad_out=out, saved=(lse_k, mz_k, g_lp, g_ent))
     torch.testing.assert_close(out.double(), grad, rtol=1e-4, atol=1e-4)
     out16 = torch.empty(c, v, device=device, dtype=torch.bfloat16)
-    logit_epilogue(logits, targets, inv_t, grad_out=out16, saved=(lse_k, mz_k, g_lp, g_ent))
+    chunk_epilogue(logits, targets, inv_t, grad_out=out16, saved=(lse_k, mz_k, g_lp, g_ent))
     torch.testing.assert_close(out16.double(), grad, rtol=1e-2, atol=1e-2)
 
     # policy-loss mode: dL/dlogp from the surrogate at the kernel's own log-probs, in-kernel
@@ -120,9 +119,10 @@ def check_kernel_modes(device: str, c: int, v: int, scale: float = 10.0, inv_t: 
     adv, ref = torch.randn(c, device=device), (logp64 + 0.1).float()
     w = torch.rand(c, device=device)
     out = torch.empty(c, v, device=device)
-    logit_epilogue(logits, targets, inv_t, grad_out=out, loss=(old, adv, ref, w, opts))
+    chunk_epilogue(logits, targets, inv_t, grad_out=out, loss=(old, adv, ref, w), clip_low=opts.clip_low,
+                   clip_high=opts.clip_high, dual_clip=opts.dual_clip, kl_coef=opts.kl_coef, kl_kind=opts.kl_kind)
     g_logp = surrogate_terms(logp_k.double(), old.double(), adv.double(), ref.double(), opts).grad * w.double()
-    _, _, _, want = _float64_truth(logits, targets, inv_t, g_logp, torch.zeros_like(g_logp))
+    _, _, _, want = epilogue_float64_truth(logits, targets, inv_t, g_logp, torch.zeros_like(g_logp))
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
 
 

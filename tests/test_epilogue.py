@@ -1,21 +1,11 @@
-"""The chunk-epilogue contract (mempo/ops/chunk_epilogue.py) and its Triton twin, directly."""
+"""The chunk-epilogue contract (mempo/ops/epilogue.py) and its Triton twin, directly."""
 import os
 
 import pytest
 import torch
+from loss_cases import epilogue_float64_truth
 
-from mempo.ops import chunk_epilogue
-
-
-def _float64_truth(logits, targets, inv_t, g_lp, g_ent):
-    z = logits.double() * inv_t
-    logp_all = z.log_softmax(-1)
-    p = logp_all.exp()
-    lse = torch.logsumexp(z, -1)
-    mean_z = (p * z).sum(-1)
-    onehot = torch.nn.functional.one_hot(targets, z.shape[1]).double()
-    grad = (g_lp[:, None] * (onehot - p) - g_ent[:, None] * p * (z - mean_z[:, None])) * inv_t
-    return lse, z.gather(1, targets[:, None]).squeeze(1), mean_z, grad
+from mempo.ops import epilogue as chunk_epilogue
 
 
 def _case(c, v, scale):
@@ -29,7 +19,7 @@ def _case(c, v, scale):
 @pytest.mark.parametrize("scale", [1.0, 30.0])
 def test_torch_epilogue_matches_float64(seed, c, v, inv_t, scale):
     logits, targets, g_lp, g_ent = _case(c, v, scale)
-    lse, zt, mz, grad = _float64_truth(logits, targets, inv_t, g_lp.double(), g_ent.double())
+    lse, zt, mz, grad = epilogue_float64_truth(logits, targets, inv_t, g_lp.double(), g_ent.double())
     out = chunk_epilogue.row_stats(logits, targets, inv_t, with_entropy=True)
     for got, want in zip(out, (lse, zt, mz)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * scale)
@@ -38,7 +28,8 @@ def test_torch_epilogue_matches_float64(seed, c, v, inv_t, scale):
     torch.testing.assert_close(buf.double(), grad, rtol=1e-4, atol=1e-4 * scale)
     buf = logits.clone()
     chunk_epilogue.write_logit_grad_(buf, targets, inv_t, out[0], g_lp)
-    _, _, _, grad_lp_only = _float64_truth(logits, targets, inv_t, g_lp.double(), torch.zeros(c, dtype=torch.float64))
+    no_entropy = torch.zeros(c, dtype=torch.float64)
+    _, _, _, grad_lp_only = epilogue_float64_truth(logits, targets, inv_t, g_lp.double(), no_entropy)
     torch.testing.assert_close(buf.double(), grad_lp_only, rtol=1e-4, atol=1e-4 * scale)
 
 
@@ -47,17 +38,17 @@ def test_torch_epilogue_matches_float64(seed, c, v, inv_t, scale):
 @pytest.mark.parametrize("c,v", [(1, 1), (5, 129), (9, 300)])
 @pytest.mark.parametrize("in_place", [True, False])
 def test_triton_epilogue_modes(seed, c, v, in_place):
-    from mempo.kernels.logit_epilogue import logit_epilogue
+    from mempo.kernels.chunk_epilogue import chunk_epilogue
 
     logits, targets, g_lp, g_ent = _case(c, v, 10.0)
-    lse, zt, mz, grad = _float64_truth(logits, targets, 0.8, g_lp.double(), g_ent.double())
-    lse_k, logp_k, mz_k = logit_epilogue(logits, targets, 0.8, with_entropy=True)
+    lse, zt, mz, grad = epilogue_float64_truth(logits, targets, 0.8, g_lp.double(), g_ent.double())
+    lse_k, logp_k, mz_k = chunk_epilogue(logits, targets, 0.8, with_entropy=True)
     torch.testing.assert_close(lse_k.double(), lse, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(logp_k.double(), zt - lse, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(mz_k.double(), mz, rtol=1e-5, atol=1e-4)
     buf = logits.clone()
     out = buf if in_place else torch.empty_like(buf).to(torch.bfloat16)
-    logit_epilogue(buf, targets, 0.8, grad_out=out, saved=(lse_k, mz_k, g_lp, g_ent))
+    chunk_epilogue(buf, targets, 0.8, grad_out=out, saved=(lse_k, mz_k, g_lp, g_ent))
     tol = dict(rtol=1e-4, atol=1e-4) if in_place else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out.double(), grad, **tol)
 

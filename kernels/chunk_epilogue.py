@@ -4,15 +4,15 @@ Pass 1 streams the row once: online log-sum-exp (running max starts at -inf), th
 logit, and sum p*z for the entropy. In policy-loss mode the row's dL/dlogp is then a
 pointwise function of (logp, old, ref, A, w) evaluated right here (`_surrogate`), and
 pass 2 writes dL/dlogits for the row, so the caller's two gradient GEMMs read it next.
-The PyTorch statement of the same contract is mempo/ops/chunk_epilogue.py + surrogate.py.
+The PyTorch statement of the same contract is `row_stats` / `write_logit_grad_` in
+mempo/ops/epilogue.py and `surrogate_terms` in mempo/ops/policy_loss.py. Imports nothing
+from mempo: the loss options arrive as plain scalars.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-from mempo.ops.loss_options import LOG_RATIO_CLAMP, PolicyLossOptions
 
 MODE_STATS = 0  # lse / logp / entropy only
 MODE_POLICY_LOSS = 1  # stats, dL/dlogp in-kernel, then dL/dlogits
@@ -22,7 +22,7 @@ MODE_GRAD = 2  # dL/dlogits from saved lse (and mean z) and given dL/dlogp, dL/d
 @triton.jit
 def _surrogate(logp, old, adv, ref, clip_low, clip_high, dual_clip, kl_coef,
                HAS_DUAL_CLIP: tl.constexpr, KL_KIND: tl.constexpr, CLAMP: tl.constexpr):
-    """d loss_token / d logp; twin of mempo.ops.surrogate.surrogate_terms."""
+    """d loss_token / d logp; twin of mempo.ops.policy_loss.surrogate_terms."""
     log_ratio = logp - old
     ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -CLAMP), CLAMP))
     pg1 = -adv * ratio
@@ -44,7 +44,7 @@ def _surrogate(logp, old, adv, ref, clip_low, clip_high, dual_clip, kl_coef,
 
 
 @triton.jit
-def _logit_epilogue_kernel(
+def _chunk_epilogue_kernel(
     logits_ptr, stride_logits, grad_ptr, stride_grad, targets_ptr, V,
     inv_temp,
     lse_ptr, logp_ptr, mean_z_ptr,  # [C] written in stats modes, read in MODE_GRAD
@@ -125,13 +125,13 @@ LAUNCH_CONFIGS = {"cuda": (4096, 8), "cpu": (128, 1)}
 def launch_config(device: torch.device, V: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a chunk of vocabulary size V on `device`."""
     if device.type not in LAUNCH_CONFIGS:
-        raise ValueError(f"logit_epilogue runs on CUDA tensors (or CPU tensors under the interpreter), "
+        raise ValueError(f"chunk_epilogue runs on CUDA tensors (or CPU tensors under the interpreter), "
                          f"got a tensor on {device}")
     max_block, num_warps = LAUNCH_CONFIGS[device.type]
     return min(triton.next_power_of_2(V), max_block), num_warps
 
 
-def logit_epilogue(
+def chunk_epilogue(
     logits: torch.Tensor,
     targets: torch.Tensor,
     inv_temperature: float,
@@ -140,12 +140,20 @@ def logit_epilogue(
     grad_out: torch.Tensor | None = None,
     loss: tuple | None = None,
     saved: tuple | None = None,
+    clip_low: float = 0.0,
+    clip_high: float = 0.0,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: int = 0,
+    log_ratio_clamp: float = 20.0,
 ):
     """Launch the epilogue on a chunk `logits` [C, V] (float32, row-contiguous).
 
     - stats only (grad_out None): returns (lse, logp, mean_z or None).
-    - policy loss: loss = (old, adv, ref or None, weight, PolicyLossOptions); writes
-      dL/dlogits into grad_out [C, V] (may be `logits` itself); returns (lse, logp, mean_z).
+    - policy loss: loss = (old, adv, ref or None, weight), each [C], with the loss's scalars
+      (clip_low, clip_high, dual_clip or None, kl_coef, kl_kind 0/1/2/3 = none/k1/k2/k3,
+      log_ratio_clamp; `mempo.ops.PolicyLossOptions` validates them); writes dL/dlogits into
+      grad_out [C, V] (may be `logits` itself); returns (lse, logp, mean_z).
     - gradient: saved = (lse, mean_z or None, grad_logp, grad_entropy or None); writes
       dL/dlogits into grad_out.
     """
@@ -154,8 +162,10 @@ def logit_epilogue(
         raise ValueError("logits and grad_out must have unit stride along the vocabulary")
     f32 = dict(dtype=torch.float32, device=logits.device)
     dummy = torch.empty(1, **f32)
-    clip_low = clip_high = dual_clip = kl_coef = 0.0
-    has_dual, kl_kind = False, 0
+    has_dual = dual_clip is not None
+    if loss is None:  # the loss scalars only matter in policy-loss mode
+        clip_low = clip_high = kl_coef = 0.0
+        has_dual, kl_kind = False, 0
     old = adv = ref = weight = grad_logp = grad_ent = dummy
     if saved is not None:
         mode = MODE_GRAD
@@ -169,24 +179,20 @@ def logit_epilogue(
         lse, logp = torch.empty(C, **f32), torch.empty(C, **f32)
         mean_z = torch.empty(C, **f32) if with_entropy else dummy
         if loss is not None:
-            old, adv, ref, weight, opts = loss
-            opts: PolicyLossOptions
-            clip_low, clip_high, kl_coef = opts.clip_low, opts.clip_high, opts.kl_coef
-            has_dual, dual_clip = opts.dual_clip is not None, opts.dual_clip or 0.0
-            kl_kind = opts.kl_kind
+            old, adv, ref, weight = loss
             ref = dummy if ref is None else ref
     grad = dummy if grad_out is None else grad_out
     block_v, num_warps = launch_config(logits.device, V)
     if C > 0:
-        _logit_epilogue_kernel[(C,)](
+        _chunk_epilogue_kernel[(C,)](
             logits, logits.stride(0), grad, grad.stride(0) if grad_out is not None else 0, targets, V,
             float(inv_temperature),
             lse, logp, mean_z,
             old, adv, ref, weight,
             grad_logp, grad_ent,
-            float(clip_low), float(clip_high), float(dual_clip), float(kl_coef),
+            float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef),
             MODE=mode, WITH_ENTROPY=with_entropy, HAS_DUAL_CLIP=has_dual, KL_KIND=kl_kind,
-            CLAMP=LOG_RATIO_CLAMP, BLOCK_V=block_v, num_warps=num_warps,
+            CLAMP=float(log_ratio_clamp), BLOCK_V=block_v, num_warps=num_warps,
         )
     if mode == MODE_GRAD:
         return None

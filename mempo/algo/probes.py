@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .trajectory import Trajectory, TrajectorySegment
+from mempo.ops.segment_layout import Segment
+from mempo.rollout.trajectory import Trajectory
 
 
 @dataclass
 class Probe:
-    memory: TrajectorySegment  # the memory block being scored
+    memory: Segment  # the memory block being scored
     memory_number: int  # index among the trajectory's memory segments
     given_history: bool  # False: prompt + memory copy; True: the full history before m_t
     token_ids: list[int]  # [memory copy +] cue + answer
@@ -53,3 +54,10 @@ def build_probes(traj: Trajectory, cue_ids: list[int], answer_ids: list[int], re
         probes.append(Probe(mem, number, False, memory_copy + tail, len(memory_copy) + len(cue_ids), copy_at))
         probes.append(Probe(mem, number, True, tail, len(cue_ids), traj.position_of(mem.start)))
     return probes
+
+
+def answer_cue_and_ids(tokenizer, task, tags) -> tuple[list[int], list[int]]:
+    """Tokens of the probe's answer cue (the answer tag) and of the gold answer."""
+    cue = tokenizer(tags.answer[0], add_special_tokens=False)["input_ids"]
+    gold = f"{tags.answer_separator} ".join(a[0] for a in task.answers)
+    return cue, tokenizer(gold, add_special_tokens=False)["input_ids"]
