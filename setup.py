@@ -87,6 +87,7 @@ setup(
         "triton": ["triton>=3.0"],
         "liger": ["liger-kernel>=0.5"],
         "vllm": ["vllm"],
+        "flash-attn": ["flash-attn"],  # CUDA: flash_attn_with_kvcache for pure decode steps over the paged pool
         "parquet": ["pyarrow"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],

@@ -228,7 +228,8 @@ def main(argv=None) -> int:
           f"heads={hq}/{hkv} dim={dim} dtype={str(dtype).removeprefix('torch.')}")
     print(f"mask density {density:.3f} (tiles {blocks.density:.3f} at {GPU_BLOCKS[0]}x{GPU_BLOCKS[1]}); "
           f"layout build {build_layout * 1e3:.3f} ms ({build_layout / len(trajs) * 1e6:.0f} us/trajectory), "
-          f"tile tables + copy {build_blocks * 1e3:.3f} ms" + (f", CPU masks {build_masks * 1e3:.1f} ms" if not cuda else ""))
+          f"tile tables + copy {build_blocks * 1e3:.3f} ms"
+          + (f", CPU masks {build_masks * 1e3:.1f} ms" if not cuda else ""))
 
     q = torch.randn(L, hq, dim, device=a.device, dtype=dtype, requires_grad=True)
     k = torch.randn(L, hkv, dim, device=a.device, dtype=dtype, requires_grad=True)

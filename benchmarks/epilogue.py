@@ -19,7 +19,7 @@ import time
 import torch
 
 from mempo._native import native_error, native_ops
-from mempo.ops import epilogue as chunk_epilogue
+from mempo.ops import epilogue
 
 
 def median_seconds(fn, setup, warmup: int, repeats: int) -> float:
@@ -68,11 +68,12 @@ def main() -> None:
         ops.write_logit_grad_(buf, targets, inv_t, lse_c, g_lp, g_ent, mean_z_c)
 
     cases = {}
-    for name, ops in (("c++", native), ("torch", chunk_epilogue)):
+    for name, ops in (("c++", native), ("torch", epilogue)):
         for ent in (False, True):
             ge, mz = (g_ent, mean_z) if ent else (None, None)
             tag = "+entropy" if ent else ""
-            cases[(f"row_stats{tag}", name)] = (lambda ops=ops, ent=ent: ops.row_stats(logits, targets, inv_t, ent), nothing)
+            cases[(f"row_stats{tag}", name)] = (
+                lambda ops=ops, ent=ent: ops.row_stats(logits, targets, inv_t, ent), nothing)
             cases[(f"write_logit_grad_{tag}", name)] = (
                 lambda ops=ops, ge=ge, mz=mz: ops.write_logit_grad_(buf, targets, inv_t, lse, g_lp, ge, mz), refill)
             cases[(f"chunk{tag}", name)] = (lambda ops=ops, ge=ge: one_chunk(ops, ge), refill)

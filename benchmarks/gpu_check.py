@@ -526,7 +526,7 @@ def main(argv=None) -> int:
             if not torch.cuda.is_available():
                 raise SystemExit("no CUDA device visible: run with --dry-run or --smoke on a CPU machine")
         except ImportError as e:
-            raise SystemExit(f"torch is not importable ({e})")
+            raise SystemExit(f"torch is not importable ({e})") from e
     os.makedirs(args.out, exist_ok=True)
     runner = Runner(args.out, args.budget_s)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

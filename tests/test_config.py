@@ -264,3 +264,30 @@ def test_every_yaml_and_readme_option_is_a_field():
     readme = (CONFIGS.parent / "README.md").read_text()
     options = set(re.findall(r"--((?:" + "|".join(SECTIONS) + r")\.[a-z_]+)", readme))
     assert options and options <= known, options - known
+
+
+def test_save_and_eval_conditions():
+    """Checkpoints at the end of the warm start, every save_every RL steps and at the end;
+    mid-run evaluations every eval_every RL steps, never at the end (the final one runs anyway)."""
+    from mempo.trainer import should_evaluate, should_save
+
+    cfg = parse_args(["--sft.steps", "5", "--trainer.steps", "7", "--trainer.save_every", "3",
+                      "--trainer.eval_every", "2"])
+    assert [d for d in range(1, 13) if should_save(cfg, d)] == [5, 8, 11, 12]
+    assert [d for d in range(1, 13) if should_evaluate(cfg, d)] == [7, 9, 11]
+    cfg = parse_args(["--sft.steps", "0", "--trainer.steps", "4", "--trainer.save_every", "0"])
+    assert [d for d in range(1, 5) if should_save(cfg, d)] == [4]
+    assert not any(should_evaluate(cfg, d) for d in range(1, 5))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trainer.name", ".."], "trainer.name must be a non-empty name without"),
+    (["--trainer.name", "."], "trainer.name must be a non-empty name without"),
+    (["--optimizer.lr", "inf"], "optimizer.lr must be finite"),
+    (["--rollout.temperature", "inf"], "rollout.temperature must be finite"),
+    (["--sft.lr", "nan"], "sft.lr must be finite"),
+    (["--optimizer.betas", "0.9,nan"], "optimizer.betas must be finite"),
+])
+def test_config_rejects_escaping_names_and_nonfinite_numbers(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)

@@ -55,13 +55,13 @@ def test_final_memory_recall_reads_the_last_memory_only():
     prompt = world.env().prompt(task)
     first, second = (a[0] for a in task.answers)
     info = "<information>x</information>"
-    # objective 1's answer is in the first memory only (then forgotten), objective 2's in the last
-    turns = [("<mem></mem><search>q</search>", info), (f"<mem>it is {first}.</mem><search>q</search>", info),
+    # the second memory holds both answers, the last one only objective 2's: the first is forgotten
+    turns = [("<mem></mem><search>q</search>", info), (f"<mem>{first}; {second}.</mem><search>q</search>", info),
              (f"<mem>it is {second}.</mem><answer>a; b</answer>", None)]
     traj = trajectory_from_turns(tok, prompt, turns, ContextPolicy("mempo"))
     empty = trajectory_from_turns(tok, prompt, [("<answer>a; b</answer>", None)], ContextPolicy("mempo"))
     assert final_memory_recall([traj, empty], [task, task], tok, DEFAULT_TAGS) == [0.5, 0.0]
-    assert memory_stats([traj], [task], tok, DEFAULT_TAGS)["gold_recall"] == [0.0, 0.5, 0.5]
+    assert memory_stats([traj], [task], tok, DEFAULT_TAGS)["gold_recall"] == [0.0, 1.0, 0.5]
 
 
 def test_rl_step_logs_memory_diagnostics_and_drift(monkeypatch):

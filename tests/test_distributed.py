@@ -28,3 +28,19 @@ def test_shard_for_rank_partitions():
     assert shard_for_rank(items[:1], 1, 2) == []
     with pytest.raises(ValueError, match="rank"):
         shard_for_rank(items, 2, 2)
+
+
+def test_all_reduce_sums_takes_numbers_and_device_tensors_in_one_call(monkeypatch):
+    """One collective for the whole dict, numbers and 0-dim tensors mixed, every key back."""
+    import torch.distributed as dist
+
+    from mempo import distributed
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: calls.append(t.clone()) or t.mul_(2))  # "2 ranks"
+    values = {"b": 3, "a": 1.5, "t": torch.tensor(0.25, dtype=torch.float32), "u": torch.tensor(7, dtype=torch.int64)}
+    out = distributed.all_reduce_sums(values)
+    assert len(calls) == 1 and calls[0].dtype == torch.float64 and calls[0].numel() == 4
+    assert out == {"a": 3.0, "b": 6.0, "t": 0.5, "u": 14.0}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from loss_cases import epilogue_float64_truth
 
-from mempo.ops import epilogue as chunk_epilogue
+from mempo.ops import epilogue
 
 
 def _case(c, v, scale):
@@ -20,14 +20,14 @@ def _case(c, v, scale):
 def test_torch_epilogue_matches_float64(seed, c, v, inv_t, scale):
     logits, targets, g_lp, g_ent = _case(c, v, scale)
     lse, zt, mz, grad = epilogue_float64_truth(logits, targets, inv_t, g_lp.double(), g_ent.double())
-    out = chunk_epilogue.row_stats(logits, targets, inv_t, with_entropy=True)
+    out = epilogue.row_stats(logits, targets, inv_t, with_entropy=True)
     for got, want in zip(out, (lse, zt, mz)):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * scale)
     buf = logits.clone()
-    chunk_epilogue.write_logit_grad_(buf, targets, inv_t, out[0], g_lp, g_ent, out[2])
+    epilogue.write_logit_grad_(buf, targets, inv_t, out[0], g_lp, g_ent, out[2])
     torch.testing.assert_close(buf.double(), grad, rtol=1e-4, atol=1e-4 * scale)
     buf = logits.clone()
-    chunk_epilogue.write_logit_grad_(buf, targets, inv_t, out[0], g_lp)
+    epilogue.write_logit_grad_(buf, targets, inv_t, out[0], g_lp)
     no_entropy = torch.zeros(c, dtype=torch.float64)
     _, _, _, grad_lp_only = epilogue_float64_truth(logits, targets, inv_t, g_lp.double(), no_entropy)
     torch.testing.assert_close(buf.double(), grad_lp_only, rtol=1e-4, atol=1e-4 * scale)
@@ -55,5 +55,5 @@ def test_triton_epilogue_modes(seed, c, v, in_place):
 
 def test_mismatched_entropy_arguments():
     with pytest.raises(ValueError, match="together"):
-        chunk_epilogue.write_logit_grad_(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 1.0,
+        epilogue.write_logit_grad_(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), 1.0,
                                          torch.zeros(1), torch.zeros(1), torch.zeros(1), None)

@@ -8,7 +8,7 @@ from layout_cases import random_trajectory
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from mempo.models.hf_attention import register_segment_attention
-from mempo.ops.segment_layout import SegmentLayout
+from mempo.ops.segment_layout import Segment, SegmentLayout
 
 VOCAB = 101
 
@@ -100,3 +100,26 @@ def test_missing_layout_raises():
     model.set_attn_implementation(register_segment_attention())
     with pytest.raises(ValueError, match="segment_layout"):
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_hf_backend_rejects_padding_masks_and_foreign_positions():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mempo.models.hf_attention import register_segment_attention
+
+    register_segment_attention()
+    cfg = Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, attn_implementation="mempo_segment")
+    model = Qwen2ForCausalLM(cfg)
+    layout = SegmentLayout.from_segments([[Segment("prompt", 0, 0, 5), Segment("action", 1, 5, 8)]],
+                                         position_ids=[[0, 1, 2, 3, 4, 9, 10, 11]])
+    ids = torch.randint(0, 40, (1, 8))
+    pos = layout.position_ids[None]
+    ref = model(input_ids=ids, position_ids=pos, segment_layout=layout).logits
+    ones = model(input_ids=ids, position_ids=pos.clone(), segment_layout=layout,
+                 attention_mask=torch.ones(1, 8, dtype=torch.long)).logits
+    assert torch.equal(ref, ones)
+    with pytest.raises(ValueError, match="takes no padding: the 2-D attention_mask has zeros"):
+        model(input_ids=ids, position_ids=pos, segment_layout=layout, attention_mask=torch.tensor([[1] * 7 + [0]]))
+    with pytest.raises(ValueError, match=r"position_ids differ from segment_layout.position_ids"):
+        model(input_ids=ids, segment_layout=layout)  # transformers' default 0..7 is not the layout's

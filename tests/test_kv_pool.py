@@ -139,3 +139,20 @@ def test_a_row_that_outgrows_its_row_limit_ends_with_a_record_not_an_exception()
     assert [t.finish_reason for t in trajs] == ["max_tokens", "max_tokens", "answer"]
     for t in trajs[:2]:
         assert t.peak_context <= 300 and t.reward == 0.0 and len(t.turn_texts) == len(t.information_texts) >= 1
+
+
+def test_kv_cache_rejects_bad_drops_without_changing_state():
+    cache = PagedKVCache(1, 1, 4, num_blocks=8, block_size=4, max_rows=2, max_row_tokens=16, dtype=torch.float32,
+                         device=torch.device("cpu"))
+    for row in (cache.acquire_row(), cache.acquire_row()):
+        cache.reserve(row, 0, 8)
+    cache.pool.copy_(torch.arange(cache.pool.numel(), dtype=torch.float32).view_as(cache.pool))
+    before = (cache.pool.clone(), list(cache.lengths), [list(r) for r in cache.slot_ranges], list(cache.free))
+    for drops, message in (({2: [(0, 2)]}, "row 2 is not a live row"), ({0: [(-3, 2)]}, "0 <= start <= end"),
+                           ({0: [(4, 2)]}, "0 <= start <= end"), ({-1: [(0, 1)]}, "row -1")):
+        with pytest.raises(ValueError, match=message):
+            cache.evict_tokens({1: [(0, 1)], **drops})
+        assert torch.equal(cache.pool, before[0]) and cache.lengths == before[1]
+        assert cache.slot_ranges == before[2] and cache.free == before[3]
+    cache.evict_tokens({0: [(2, 4)]})
+    assert cache.lengths == [6, 8] and cache.slot_ranges[0] == [(0, 2), (4, 8)]

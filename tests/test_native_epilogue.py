@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mempo._native import native_error, native_ops
-from mempo.ops import epilogue as chunk_epilogue
+from mempo.ops import epilogue
 
 native = native_ops()
 needs_native = pytest.mark.skipif(native is None, reason=f"mempo._C unavailable: {native_error()}")
@@ -24,12 +24,12 @@ def _inputs(c, v, scale=3.0):
 
 
 def _stats64(logits, targets, inv_t, with_entropy):
-    return chunk_epilogue.row_stats(logits.double(), targets, inv_t, with_entropy)
+    return epilogue.row_stats(logits.double(), targets, inv_t, with_entropy)
 
 
 def _grad64(logits, targets, inv_t, g_lp, g_ent):
     lse, _, mean_z = _stats64(logits, targets, inv_t, g_ent is not None)
-    return chunk_epilogue.write_logit_grad_(
+    return epilogue.write_logit_grad_(
         logits.double(), targets, inv_t, lse, g_lp.double(),
         None if g_ent is None else g_ent.double(), mean_z if g_ent is not None else None)
 
@@ -43,7 +43,7 @@ def test_row_stats_matches_torch_and_float64(seed, c, v, inv_t, with_entropy):
     before = logits.clone()
     got = native.row_stats(logits, targets, inv_t, with_entropy)
     assert torch.equal(logits, before), "row_stats must not modify logits"
-    want32 = chunk_epilogue.row_stats(logits, targets, inv_t, with_entropy)
+    want32 = epilogue.row_stats(logits, targets, inv_t, with_entropy)
     want64 = _stats64(logits, targets, inv_t, with_entropy)
     assert (got[2] is None) == (not with_entropy)
     for g, w32, w64 in zip(got, want32, want64):
@@ -67,7 +67,7 @@ def test_write_logit_grad_matches_torch_and_float64(seed, c, v, inv_t, with_entr
     out = native.write_logit_grad_(buf, targets, inv_t, lse, g_lp, g_ent, mean_z)
     assert out.data_ptr() == buf.data_ptr(), "the gradient is written in place"
     torch.testing.assert_close(out.double(), _grad64(logits, targets, inv_t, g_lp, g_ent), **GRAD32)
-    want32 = chunk_epilogue.write_logit_grad_(logits.clone(), targets, inv_t, lse, g_lp, g_ent, mean_z)
+    want32 = epilogue.write_logit_grad_(logits.clone(), targets, inv_t, lse, g_lp, g_ent, mean_z)
     torch.testing.assert_close(out, want32, **GRAD32)
 
 
@@ -207,3 +207,20 @@ def test_disable_env_forces_fallback_without_warning():
     result = _python(LOADER_PROBE.replace('sys.modules["mempo._C"] = None', ""), MEMPO_DISABLE_EXT="1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines() == ["0", "", "disabled by MEMPO_DISABLE_EXT=1"]
+
+
+@pytest.mark.parametrize("temperature, scale", [(1e-10, 0.1), (0.7, 2e9), (1.0, 3e9)])
+def test_native_epilogue_extreme_logits_over_temperature(temperature, scale):
+    from mempo.ops.epilogue import available_backends, epilogue_stats
+
+    if "native" not in available_backends(torch.device("cpu")):
+        pytest.skip("mempo._C is not built")
+    torch.manual_seed(0)
+    logits = torch.randn(6, 300) * scale
+    targets = torch.randint(0, 300, (6,))
+    ref = torch.log_softmax(logits.double() / temperature, -1).gather(1, targets[:, None]).squeeze(1)
+    for backend in ("native", "torch"):
+        lse, logp, _ = epilogue_stats(backend, logits.clone(), targets, 1.0 / temperature, False)
+        assert torch.isfinite(lse).all() and (logp <= 0).all(), backend
+        # float32 cannot resolve z ~ 1e9 finer than its spacing (64): compare at that scale
+        assert (logp.double() - ref).abs().max() <= 1e-6 * ref.abs().max() + 256, backend

@@ -148,3 +148,10 @@ def test_task_side_errors_name_the_file(tmp_path):
         build_task_side(parse_args(files + ["--model.path", str(bare)]))
     with pytest.raises(SetupError, match="env.prompt_format is 'chat' but the tokenizer of the tiny world has no chat"):
         build_task_side(parse_args(["--env.prompt_format", "chat", "--sft.steps", "0"]))
+
+
+def test_expert_turns_beyond_max_turns_is_a_setup_error():
+    from mempo.training.task_side import SetupError, build_task_side
+
+    with pytest.raises(SetupError, match=r"rollout.max_turns=2 is too small .*the expert needs 4 turns"):
+        build_task_side(parse_args(["--rollout.max_turns", "2", "--env.train_objectives", "2"]))

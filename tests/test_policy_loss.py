@@ -1,8 +1,11 @@
 """policy_loss against the autograd reference (float64), all options, both advantage forms."""
+import math
+
 import pytest
 import torch
 from loss_cases import LOSS_OPTION_CASES, random_batch
 
+import mempo.ops as ops
 from mempo.ops import MemPOAdvantages, policy_loss
 from mempo.reference.logprobs import policy_loss_reference, token_advantages_reference
 
@@ -110,3 +113,25 @@ def test_second_backward_is_an_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already backpropagated"):
         loss.backward()
+
+
+def test_policy_loss_ignores_nonfinite_masked_tokens_and_nonfinite_options(seed):
+    n = 9
+    logp = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    old, adv = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    mask = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0, 1])
+    seq = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    clean, _ = ops.policy_loss(logp, old, adv, mask, seq_index=seq)
+    (grad_clean,) = torch.autograd.grad(clean, logp)
+    dirty_old, dirty_adv = old.clone(), adv.clone()
+    dirty_old[2], dirty_adv[4], dirty_old[7] = float("nan"), float("inf"), -float("inf")
+    dirty, metrics = ops.policy_loss(logp, dirty_old, dirty_adv, mask, seq_index=seq)
+    (grad_dirty,) = torch.autograd.grad(dirty, logp)
+    assert torch.equal(dirty, clean) and torch.equal(grad_dirty, grad_clean)
+    assert all(math.isfinite(float(v)) for v in metrics.values())
+    for bad in ({"clip_high": float("nan")}, {"kl_coef": float("nan")}, {"clip_low": float("nan")},
+                {"dual_clip": float("inf")}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a finite number"):
+            ops.policy_loss(logp, old, adv, mask, seq_index=seq, **bad)
+    with pytest.raises(ValueError, match="mem_coef must be a finite number"):
+        ops.MemPOAdvantages(torch.zeros(3), seq, torch.zeros(1), torch.full((n,), -1), mem_coef=float("nan"))

@@ -32,7 +32,8 @@ def test_forced_rollout_equals_text_replay_and_scores_expert():
         assert _segments(traj) == _segments(replay)
         assert traj.reward == 1.0 and traj.finish_reason == "answer" and traj.format_valid
         assert any(s.dropped_at is not None for s in traj.segments)  # drops really happened
-        assert traj.loss_mask.count(True) == sum(s.end - s.start for s in traj.segments if s.kind in ("memory", "action"))
+        written = sum(s.end - s.start for s in traj.segments if s.kind in ("memory", "action"))
+        assert traj.loss_mask.count(True) == written
 
 
 @pytest.mark.parametrize("policy", [ContextPolicy("mempo"), ContextPolicy("keep_last_k", 1)])
@@ -114,7 +115,8 @@ def test_sampled_turns_after_real_drops_keep_the_invariant():
     """Two expert turns forced (the second memory drops the first turn), then sampled turns: the
     sampled tokens see the evicted cache, and training must see exactly that."""
     world, tok = tiny_world()
-    tasks = [t for t in world.tasks("train", num_objectives=1) if t.questions[0].startswith("Where was the mentor")][:2]  # 2-hop
+    tasks = [t for t in world.tasks("train", num_objectives=1)
+             if t.questions[0].startswith("Where was the mentor")][:2]  # 2-hop
     experts = world.expert_trajectories(tasks)
     assert all(len(e.turns) == 3 for e in experts)
     model = tiny_model(len(tok), seed=4)
@@ -153,7 +155,8 @@ def test_tool_reply_that_would_overflow_max_total_tokens_ends_the_row():
     assert traj.finish_reason == "max_tokens" and len(traj) <= limit and traj.reward == 0.0
 
 
-@pytest.mark.parametrize("policy", [ContextPolicy("mempo", mode="reencode"), ContextPolicy("keep_last_k", 1, "reencode")])
+@pytest.mark.parametrize("policy", [ContextPolicy("mempo", mode="reencode"),
+                                    ContextPolicy("keep_last_k", 1, "reencode")])
 def test_reencode_mode_rollout_equals_replay_and_training(policy):
     """context_mode=reencode: after a drop the kept context is re-encoded after the prompt (as
     vLLM computes it); the record (context copies, positions) replays from text, and the

@@ -157,3 +157,25 @@ for kern, (bm, bn) in ((K._fwd_kernel, GPU_BLOCKS), (K._bwd_dkdv_kernel, GPU_BWD
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("\n") == 3
+
+
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_clear(monkeypatch):
+    layout = SegmentLayout.from_segments([[Segment("prompt", 0, 0, 4)]])
+    q = torch.randn(4, 2, 16)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got q on cpu"):
+        segment_attention(q, q, q, layout, backend="triton")
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_cpu_attention_nan_in_a_future_token_stays_there(seed, where):
+    segs = [Segment("prompt", 0, 0, 6), Segment("memory", 1, 6, 9), Segment("action", 1, 9, 14, )]
+    layout = SegmentLayout.from_segments([segs, [Segment("prompt", 0, 0, 5)]])
+    L = layout.num_tokens
+    q, k, v = (torch.randn(L, 4, 16, dtype=torch.float64) for _ in range(3))
+    ref = segment_attention_reference(q, k, v, layout)  # rows that do not see token 11 ignore its value
+    (k if where == "k" else v)[11] = float("nan")
+    out = segment_attention(q, k, v, layout, backend="torch")
+    sees = layout.dense_mask()[:, 11]
+    assert torch.isnan(out[sees]).all() and not torch.isnan(out[~sees]).any()
+    torch.testing.assert_close(out[~sees], ref[~sees])

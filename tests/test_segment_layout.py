@@ -171,3 +171,22 @@ def test_tile_tables_of_a_moved_layout_come_from_its_host_copy(seed):
         other = getattr(got, name)
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name
     assert layout.to("cpu").host().device.type == "cpu"
+
+
+def test_from_tables_accepts_bool_or_0_1_only():
+    vis = np.array([[1, 0], [1, 1]])
+    same = SegmentLayout.from_tables([[2, 3]], [vis.astype(bool)])
+    assert torch.equal(SegmentLayout.from_tables([[2, 3]], [vis]).visible_bits, same.visible_bits)
+    additive = np.array([[0.0, -np.inf], [0.0, 0.0]])  # an additive mask: would be inverted by a bool cast
+    with pytest.raises(ValueError, match=r"visible\[0\] must be bool or hold only 0 and 1.*additive"):
+        SegmentLayout.from_tables([[2, 3]], [additive])
+    with pytest.raises(ValueError, match="must be bool or hold only 0 and 1"):
+        SegmentLayout.from_tables([[2, 3]], [np.array([[1, 0.5], [1, 1]])])
+    with pytest.raises(ValueError, match=r"segment_lengths\[0\].*at least one token"):
+        SegmentLayout.from_tables([[0, 0]], [vis])
+
+
+def test_sees_must_index_the_sequence():
+    segs = [Segment("prompt", 0, 0, 2), Segment("memory", 1, 2, 4), Segment("probe", 1, 4, 6, sees=[-2])]
+    with pytest.raises(ValueError, match=r"sequences\[0\]\[2\].sees must hold segment indices in \[0, 3\)"):
+        SegmentLayout.from_segments([segs])

@@ -71,7 +71,8 @@ def test_forced_mempo_rollout_same_record_and_logprobs_until_first_drop(served):
         assert _segments(v) == _segments(n) == _segments(replay)
         assert v.loss_mask == n.loss_mask and v.turn_texts == n.turn_texts
         assert v.information_texts == n.information_texts
-        assert (v.reward, v.finish_reason, v.format_valid, v.answers) == (n.reward, n.finish_reason, n.format_valid, n.answers)
+        assert (v.reward, v.finish_reason, v.format_valid, v.answers) == \
+            (n.reward, n.finish_reason, n.format_valid, n.answers)
         assert abs(v.peak_context - n.peak_context) <= 1  # vLLM also encodes the final token
         assert v.tokens_processed >= n.tokens_processed  # forced scoring re-encodes (no prefix cache)
         assert _first_drop(v) < len(v)
@@ -141,7 +142,8 @@ def test_sampled_rollout_records_temperature_scaled_logprobs(served):
         for step in range(1, len(traj.turn_texts) + 1):
             written = sum(s.end - s.start for s in traj.segments if s.step == step and s.kind in ("memory", "action"))
             assert 1 <= written <= 12
-        assert traj.loss_mask.count(True) == sum(s.end - s.start for s in traj.segments if s.kind in ("memory", "action"))
+        written = sum(s.end - s.start for s in traj.segments if s.kind in ("memory", "action"))
+        assert traj.loss_mask.count(True) == written
         # up to the first drop the context is the plain causal prefix: compare with
         # log softmax(logits / T) of the HF model (the native `sample_tokens` record)
         end = _first_drop(traj)
@@ -175,7 +177,8 @@ def test_update_weights_serves_the_new_policy(served):
         new_trajs, _ = vllm_logprobs()
         native = run_rollout(NativeEngine(perturbed, 4096), world.env(), tok, tasks, [0, 1], ContextPolicy(), params,
                              forced_turns=forced)
-        assert logprob_mismatch(new_trajs, [torch.tensor(t.sample_logprobs[1:]) for t in native], before)["max_abs"] < 1e-4
+        native_logprobs = [torch.tensor(t.sample_logprobs[1:]) for t in native]
+        assert logprob_mismatch(new_trajs, native_logprobs, before)["max_abs"] < 1e-4
         assert logprob_mismatch(new_trajs, old_ref, before)["mean_abs"] > 1e-2
     finally:
         engine.update_weights(model.named_parameters())  # iterable form; restores the shared engine

@@ -13,8 +13,8 @@ import json
 import mmap
 import os
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import bm25s
 import numpy as np
@@ -107,7 +107,7 @@ class BM25Search:
 
     @classmethod
     def from_jsonl(cls, corpus_path: str | os.PathLike, k1: float = 1.5,
-                   b: float = 0.75) -> "BM25Search":
+                   b: float = 0.75) -> BM25Search:
         path = Path(corpus_path)
         if not path.is_file():
             raise ValueError(f"corpus_path {path} is not a file")
@@ -116,7 +116,7 @@ class BM25Search:
         return cls(retriever, _MappedJsonl(path, offsets))
 
     @classmethod
-    def from_docs(cls, docs: Iterable[Doc], k1: float = 1.5, b: float = 0.75) -> "BM25Search":
+    def from_docs(cls, docs: Iterable[Doc], k1: float = 1.5, b: float = 0.75) -> BM25Search:
         docs = list(docs)
         if not docs:
             raise ValueError("docs must hold at least one Doc")
@@ -151,7 +151,7 @@ class BM25Search:
                                                  "num_docs": len(self._docs)}))
 
     @classmethod
-    def load(cls, index_dir: str | os.PathLike, mmap_index: bool = True) -> "BM25Search":
+    def load(cls, index_dir: str | os.PathLike, mmap_index: bool = True) -> BM25Search:
         path = Path(index_dir)
         meta_path = path / META_FILE
         if not meta_path.is_file():

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mempo.envs.agent_format import ActionKind, parse_step, render_turn
 from mempo.envs.environment import SearchEnv

@@ -12,8 +12,8 @@ search at the last allowed turn (reward 0, no more information).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from mempo.envs.agent_format import DEFAULT_TAGS, ActionKind, AgentTags, Step, parse_step
 from mempo.envs.prompts import build_prompt

@@ -13,7 +13,8 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from mempo.envs.search_tool import Doc, check_search_args, contents_to_title_text
 
@@ -90,7 +91,7 @@ class HttpSearch:
                 last_error = f"HTTP {error.code}: {detail}"
                 if error.code < 500:
                     break
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 last_error = f"timed out after {self.timeout_s}s"
             except urllib.error.URLError as error:
                 if isinstance(error.reason, (socket.timeout, TimeoutError)):

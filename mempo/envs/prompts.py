@@ -2,7 +2,7 @@
 instruct model, wrapped in its chat template (`chat_template_prompt`)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from mempo.envs.agent_format import DEFAULT_TAGS, AgentTags
 from mempo.envs.tasks import Task

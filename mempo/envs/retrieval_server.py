@@ -30,9 +30,10 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -41,7 +42,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from mempo.envs.bm25_search import BM25Search, META_FILE
+from mempo.envs.bm25_search import META_FILE, BM25Search
 from mempo.envs.search_tool import SearchTool, title_text_to_contents
 
 DEFAULT_TOPK = 3

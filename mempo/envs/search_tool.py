@@ -1,8 +1,9 @@
 """The search-tool interface, the `Doc` it returns, and the `<information>` block format."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from mempo.envs.agent_format import DEFAULT_TAGS, AgentTags
 
@@ -102,7 +103,7 @@ def format_information(docs: Sequence[Doc], max_chars: int | None = 2000,
             continue
         # Cut this doc to fit what is left of the budget, then stop.
         prefix = f"{body}\n" if body else ""
-        cut = _longest_fitting_prefix(line, lambda t: size_ok(prefix + t))
+        cut = _longest_fitting_prefix(line, lambda t, prefix=prefix: size_ok(prefix + t))
         body = prefix + cut if cut else body
         break
     return tags.wrap("information", body)

@@ -12,10 +12,11 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 from mempo.envs.bm25_search import BM25Search
 from mempo.envs.environment import EnvConfig, SearchEnv
@@ -178,7 +179,7 @@ class TinyWorld:
         texts += [q.task.questions[0] for q in self.questions] + [UNKNOWN]  # the lossy experts' answer
         return texts
 
-    def tokenizer(self, vocab_size: int = 1024) -> "PreTrainedTokenizerFast":
+    def tokenizer(self, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
         """A byte-level BPE tokenizer trained on `training_texts()` (deterministic; ~1 s)."""
         from mempo.envs.tokenizer import train_tokenizer  # transformers only when asked
         return train_tokenizer(self.training_texts(), vocab_size, self.config.env.tags)

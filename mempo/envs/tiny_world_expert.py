@@ -25,7 +25,8 @@ what the tool returns, and every fact it memorises appears in one of them.
 from __future__ import annotations
 
 import random
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from mempo.envs.agent_format import render_turn
 from mempo.envs.environment import SearchEnv

