@@ -250,7 +250,7 @@ def table(rows: dict[str, list[Run]], objectives: list[int]) -> str:
     top = objectives[-1]
     for label, runs in rows.items():
         evals = [_eval(r) for r in runs]
-        col = lambda key, d=3, spread=False: _cell([e[key] for e in evals], d, spread)  # noqa: E731
+        col = lambda key, d=3, spread=False, evals=evals: _cell([e[key] for e in evals], d, spread)  # noqa: E731
         cells = ([label, str(len(runs))] + [col(f"{n}obj/em", spread=True) for n in objectives]
                  + [col(f"{top}obj/f1")] + [col(f"{n}obj/PT", 0) for n in objectives]
                  + [col(f"{top}obj/TT", 0), col(f"{top}obj/mem_len", 1), col(f"{top}obj/mem_recall", spread=True),
