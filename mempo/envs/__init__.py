@@ -14,7 +14,7 @@ from mempo.envs.search_tool import Doc, SearchTool, format_information
 from mempo.envs.tasks import Task, compose_multi_objective, load_tasks
 from mempo.envs.tiny_world import TinyWorld, TinyWorldConfig, build_tiny_world
 from mempo.envs.tokenizer import load_tokenizer, save_tokenizer, tiny_world_tokenizer, train_tokenizer
-from mempo.envs.trajectory import TokenUsage, Trajectory, Turn, token_usage, visible_context
+from mempo.envs.transcript import TokenUsage, Transcript, Turn, token_usage, visible_context
 
 __all__ = [
     "DEFAULT_TAGS", "ActionKind", "AgentTags", "FormatError", "Step", "cut_after_action",
@@ -24,6 +24,6 @@ __all__ = [
     "normalize_answer", "score_answers", "token_f1", "trajectory_reward", "Doc", "SearchTool",
     "format_information", "Task", "compose_multi_objective", "load_tasks", "TinyWorld",
     "TinyWorldConfig", "build_tiny_world", "load_tokenizer", "save_tokenizer",
-    "tiny_world_tokenizer", "train_tokenizer", "TokenUsage", "Trajectory", "Turn",
+    "tiny_world_tokenizer", "train_tokenizer", "TokenUsage", "Transcript", "Turn",
     "token_usage", "visible_context",
 ]

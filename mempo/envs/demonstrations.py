@@ -28,7 +28,7 @@ from mempo.envs.agent_format import ActionKind, parse_step, render_turn
 from mempo.envs.environment import SearchEnv
 from mempo.envs.search_tool import Doc
 from mempo.envs.tasks import task_from_record
-from mempo.envs.trajectory import Trajectory, Turn
+from mempo.envs.transcript import Transcript, Turn
 
 
 def _passages(value: Any, where: str) -> list[Doc]:
@@ -78,8 +78,8 @@ def _turn(record: Any, where: str, env: SearchEnv, num_objectives: int, last: bo
                      f"{tags.information[0]}...{tags.information[1]} block as a string; got {info!r:.200}")
 
 
-def demonstration_from_record(record: Any, where: str, env: SearchEnv) -> Trajectory:
-    """One JSONL object -> a `Trajectory` (text turns) with the env's prompt; ValueError names
+def demonstration_from_record(record: Any, where: str, env: SearchEnv) -> Transcript:
+    """One JSONL object -> a `Transcript` (text turns) with the env's prompt; ValueError names
     the line, the turn and the field."""
     task = task_from_record(record, where)
     turns = record.get("turns")
@@ -89,10 +89,10 @@ def demonstration_from_record(record: Any, where: str, env: SearchEnv) -> Trajec
         raise ValueError(f"{where}: {len(turns)} turns, more than rollout.max_turns={env.config.max_turns}")
     parsed = tuple(_turn(t, f"{where} turn {i + 1}", env, task.num_objectives, i == len(turns) - 1)
                    for i, t in enumerate(turns))
-    return Trajectory(task=task, prompt=env.prompt(task), turns=parsed)
+    return Transcript(task=task, prompt=env.prompt(task), turns=parsed)
 
 
-def load_demonstrations(path: str | os.PathLike, env: SearchEnv) -> list[Trajectory]:
+def load_demonstrations(path: str | os.PathLike, env: SearchEnv) -> list[Transcript]:
     """All demonstrations of a JSONL file, prompts and information rendered by `env`."""
     path = Path(path)
     if path.suffix != ".jsonl" or not path.is_file():
@@ -113,16 +113,16 @@ def load_demonstrations(path: str | os.PathLike, env: SearchEnv) -> list[Traject
     return out
 
 
-def demonstration_record(trajectory: Trajectory, passages: Iterable[list[Doc] | None],
+def demonstration_record(transcript: Transcript, passages: Iterable[list[Doc] | None],
                          env: SearchEnv) -> dict:
-    """The JSONL object of a recorded trajectory; `passages[i]` are the docs behind turn i's
+    """The JSONL object of a recorded transcript; `passages[i]` are the docs behind turn i's
     information (None for the answer turn)."""
     tags = env.config.tags
     turns = []
-    for turn, docs in zip(trajectory.turns, passages):
-        step = parse_step(turn.model, tags, trajectory.task.num_objectives)
+    for turn, docs in zip(transcript.turns, passages):
+        step = parse_step(turn.model, tags, transcript.task.num_objectives)
         if not step.is_valid:
-            raise ValueError(f"task {trajectory.task.id}: turn {turn.model!r:.200} is not valid agent output")
+            raise ValueError(f"task {transcript.task.id}: turn {turn.model!r:.200} is not valid agent output")
         record: dict[str, Any] = {"memory": step.memory}
         if step.think is not None:
             record["think"] = step.think
@@ -132,5 +132,5 @@ def demonstration_record(trajectory: Trajectory, passages: Iterable[list[Doc] | 
         else:
             record["answer"] = list(step.answers)
         turns.append(record)
-    return {"id": trajectory.task.id, "questions": list(trajectory.task.questions),
-            "answers": [list(a) for a in trajectory.task.answers], "turns": turns}
+    return {"id": transcript.task.id, "questions": list(transcript.task.questions),
+            "answers": [list(a) for a in transcript.task.answers], "turns": turns}

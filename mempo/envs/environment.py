@@ -20,7 +20,7 @@ from mempo.envs.prompts import build_prompt
 from mempo.envs.scoring import RewardConfig, trajectory_reward
 from mempo.envs.search_tool import SearchTool, format_information
 from mempo.envs.tasks import Task
-from mempo.envs.trajectory import TokenUsage, Trajectory, Turn, token_usage
+from mempo.envs.transcript import TokenUsage, Transcript, Turn, token_usage
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class Episode:
         last = self.steps[-1] if self.steps else None
         return last.answers if last is not None and last.kind == ActionKind.ANSWER else None
 
-    def trajectory(self) -> Trajectory:
-        return Trajectory(task=self.task, prompt=self.prompt, turns=tuple(self.turns))
+    def transcript(self) -> Transcript:
+        return Transcript(task=self.task, prompt=self.prompt, turns=tuple(self.turns))
 
 
 @dataclass(frozen=True)
@@ -123,19 +123,19 @@ class SearchEnv:
                                   self.count_tokens, self.config.tags,
                                   self.config.info_show_titles)
 
-    def replay(self, trajectory: Trajectory, check_information: bool = True) -> Episode:
+    def replay(self, transcript: Transcript, check_information: bool = True) -> Episode:
         """Feed recorded model turns through the env; with `check_information`, the
         information the tool returns now must equal the recorded one (ValueError if not)."""
-        (episode,) = self.reset([trajectory.task])
-        if episode.prompt != trajectory.prompt:
-            raise ValueError(f"trajectory.prompt differs from the env's prompt for "
-                             f"{trajectory.task.id}")
-        for number, turn in enumerate(trajectory.turns):
+        (episode,) = self.reset([transcript.task])
+        if episode.prompt != transcript.prompt:
+            raise ValueError(f"transcript.prompt differs from the env's prompt for "
+                             f"{transcript.task.id}")
+        for number, turn in enumerate(transcript.turns):
             if episode.done:
-                raise ValueError(f"trajectory {trajectory.task.id}: turn {number} after the end")
+                raise ValueError(f"transcript {transcript.task.id}: turn {number} after the end")
             (result,) = self.step([episode], [turn.model])
             if check_information and result.information != turn.information:
-                raise ValueError(f"trajectory {trajectory.task.id}: turn {number} information "
+                raise ValueError(f"transcript {transcript.task.id}: turn {number} information "
                                  f"differs: recorded {turn.information!r}, "
                                  f"got {result.information!r}")
         return episode

@@ -25,7 +25,7 @@ from mempo.envs.search_tool import Doc
 from mempo.envs.tasks import Task, compose_multi_objective
 from mempo.envs.tiny_world_expert import MEMORY_STYLES, UNKNOWN, MemoryStyle, expert_trajectories
 from mempo.envs.tiny_world_facts import Fact, WorldFacts, generate_facts
-from mempo.envs.trajectory import Trajectory
+from mempo.envs.transcript import Transcript
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -112,7 +112,7 @@ class TinyWorld:
 
     corpus: passages (`Doc`, one fact each); questions: single-objective `WorldQuestion`s
     with their fact chain and split; tasks(split, n): 1..N-objective tasks; env(): a
-    `SearchEnv` over the corpus; expert_trajectories(tasks): demonstrations (`Trajectory`);
+    `SearchEnv` over the corpus; expert_trajectories(tasks): demonstrations (`Transcript`);
     tokenizer(): the world's BPE tokenizer; write_corpus / write_tasks: JSONL files.
     """
 
@@ -152,7 +152,7 @@ class TinyWorld:
                 from None
 
     def expert_trajectories(self, tasks: list[Task], env: SearchEnv | None = None, memory: MemoryStyle | None = None,
-                            omit: float | None = None) -> list[Trajectory]:
+                            omit: float | None = None) -> list[Transcript]:
         """Expert demonstrations, run through `env` (default `self.env()`; pass the training
         run's env so that prompts and information blocks are the ones RL sees); memory style and
         lossiness default to `config.expert_memory` / `config.expert_omit`."""

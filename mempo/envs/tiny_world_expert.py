@@ -32,7 +32,7 @@ from mempo.envs.agent_format import render_turn
 from mempo.envs.environment import SearchEnv
 from mempo.envs.tasks import Task
 from mempo.envs.tiny_world_facts import Fact
-from mempo.envs.trajectory import Trajectory
+from mempo.envs.transcript import Transcript
 
 # plan of one task: per objective, the chain of facts leading to its answer
 Plan = Sequence[Sequence[Fact]]
@@ -98,7 +98,7 @@ class ExpertPolicy:
 
 
 def expert_trajectories(env: SearchEnv, tasks: Sequence[Task], plans: Sequence[Plan], memory: MemoryStyle = "facts",
-                        omit: float = 0.0, seed: int = 0) -> list[Trajectory]:
+                        omit: float = 0.0, seed: int = 0) -> list[Transcript]:
     """Run the expert on all tasks in lockstep (one batched tool call per turn). omit > 0: the
     lossy expert, its draws seeded by (seed, task id), so a task's demonstration does not depend
     on the other tasks of the batch."""
@@ -120,4 +120,4 @@ def expert_trajectories(env: SearchEnv, tasks: Sequence[Task], plans: Sequence[P
         kept = sum(a != UNKNOWN for a in expert.answers()) / len(expert.plan)
         if abs(episode.reward - kept) > 1e-9:
             raise RuntimeError(f"expert scored {episode.reward} on {episode.task.id}, expected {kept}")
-    return [e.trajectory() for e in episodes]
+    return [e.transcript() for e in episodes]

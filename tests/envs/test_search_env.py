@@ -1,7 +1,7 @@
 """SearchEnv stepping (batched tool calls, endings, rewards), replay, context and TT/PT."""
 import pytest
 
-from mempo.envs import Doc, EnvConfig, SearchEnv, Task, Trajectory, Turn, build_prompt, token_usage, visible_context
+from mempo.envs import Doc, EnvConfig, SearchEnv, Task, Transcript, Turn, build_prompt, token_usage, visible_context
 
 
 class _CountingTool:
@@ -62,13 +62,13 @@ def test_replay_checks_information_and_length(world):
     task = world.tasks("train", 2)[0]
     (trajectory,) = world.expert_trajectories([task])
     env = world.env()
-    tampered = Trajectory(task, trajectory.prompt,
+    tampered = Transcript(task, trajectory.prompt,
                           (Turn(trajectory.turns[0].model, "<information>x</information>"),)
                           + trajectory.turns[1:])
     with pytest.raises(ValueError, match="turn 0 information"):
         env.replay(tampered)
     assert env.replay(tampered, check_information=False).reward == 1.0
-    too_long = Trajectory(task, trajectory.prompt, trajectory.turns + trajectory.turns[-1:])
+    too_long = Transcript(task, trajectory.prompt, trajectory.turns + trajectory.turns[-1:])
     with pytest.raises(ValueError, match="after the end"):
         env.replay(too_long)
 
@@ -117,5 +117,5 @@ def test_token_cap_needs_counter():
 def test_trajectory_dict_roundtrip(world):
     import json
     (trajectory,) = world.expert_trajectories(world.tasks("train", 3)[:1])
-    again = Trajectory.from_dict(json.loads(json.dumps(trajectory.to_dict())))
+    again = Transcript.from_dict(json.loads(json.dumps(trajectory.to_dict())))
     assert again == trajectory and world.env().replay(again).reward == 1.0

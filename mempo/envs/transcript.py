@@ -1,6 +1,6 @@
-"""Trajectories as text turns, the memory context rule, and token accounting (TT / PT).
+"""Transcripts (an episode as text turns), the memory context rule, and token accounting (TT / PT).
 
-A trajectory is the prompt plus turns of {"model": text the model wrote, "information":
+A transcript is the prompt plus turns of {"model": text the model wrote, "information":
 the `<information>` block the tool returned, or None after an answer / invalid turn}.
 
 Context rule (MemPO): when the model closes a `<mem>` block, everything before that block
@@ -25,7 +25,7 @@ class Turn:
 
 
 @dataclass(frozen=True)
-class Trajectory:
+class Transcript:
     task: Task
     prompt: str
     turns: tuple[Turn, ...] = field(default_factory=tuple)
@@ -36,7 +36,7 @@ class Trajectory:
                 "turns": [t.to_dict() for t in self.turns]}
 
     @classmethod
-    def from_dict(cls, record: dict) -> Trajectory:
+    def from_dict(cls, record: dict) -> Transcript:
         """Inverse of `to_dict` (e.g. after a JSON round trip)."""
         task = Task(id=str(record["id"]), questions=tuple(record["questions"]),
                     answers=tuple(tuple(a) for a in record["answers"]))
