@@ -40,11 +40,12 @@ def test_ctrl_c_prints_one_line_and_points_at_the_checkpoint(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     metrics = tmp_path / "tiny" / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # generous: on loaded CI cores the start (world, tokenizer, experts) is slow
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
+    assert metrics.is_file(), "the run logged no step within the deadline"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip() == "[mempo] interrupted: no checkpoint was written yet"
     assert "Traceback" not in out + err
