@@ -37,8 +37,11 @@ def test_ctrl_c_prints_one_line_and_points_at_the_checkpoint(tmp_path):
            "--model.num_layers", "1", "--sft.steps", "100000", "--sft.batch_size", "2",
            "--trainer.run_dir", str(tmp_path),
            "--logging.progress_bar", "false"]
+    # a shell's background job (e.g. CI started with `&`) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the run the default disposition, as a terminal does
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "tiny" / "metrics.jsonl"
     deadline = time.time() + 300  # generous: on loaded CI cores the start (world, tokenizer, experts) is slow
     while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
