@@ -10,7 +10,7 @@ Settings (one world, one model size, the trainer's defaults unless named):
              their memory with probability --omit and then answer "unknown" (env.expert_omit);
              with the mempo context policy the answer sees nothing but the last memory, so
              what the memory holds decides the reward
-  faithful   the default recipe (env.expert_omit 0): experts memorise every fact they find
+  faithful   the default recipe (env.expert_omit 0): experts memorise every answer they find
 Runs per setting: one supervised warm start per context policy (trainer.seed 0; it evaluates
 itself), then per seed s (trainer.seed = rollout.seed = s), resumed from that warm start:
   GRPO           algorithm.mem_coef 0, context policy mempo

@@ -97,7 +97,7 @@ class EnvironmentConfig:
     heldout_fraction: float = _field(0.2, "fraction of questions held out for evaluation")
     expert_memory: Literal["facts", "answers"] = _field("answers",
         "tiny world: what the warm-start experts memorise: facts (every fact found, verbatim) or answers "
-        "(one entry per question begun: its answer, or the hop found so far)")
+        "(a to-do list, one entry per question: its answer, the hop found so far, or ? if not begun)")
     expert_omit: float = _field(0.0,
         "tiny world, expert_memory answers: lossy warm-start experts; each answer the expert finds is "
         "memorised (and answered) as 'unknown' with this probability (0 = faithful memories)")
@@ -273,7 +273,8 @@ class AlgorithmConfig:
 @dataclass
 class OptimizerConfig:
     lr: float = _field(1e-4, "peak learning rate of the RL phase (AdamW)")
-    betas: list[float] = _field([0.9, 0.999], "AdamW betas")
+    betas: list[float] = _field([0.9, 0.95],
+        "AdamW betas (beta2 0.95: the tiny warm start learns faster than with 0.999)")
     eps: float = _field(1e-8, "AdamW epsilon")
     weight_decay: float = _field(0.0, "AdamW decoupled weight decay")
     warmup_steps: int = _field(0, "linear warmup steps")
@@ -294,7 +295,7 @@ class OptimizerConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = _field(300, "supervised warm-start steps on expert trajectories (0 = skip)")
+    steps: int = _field(500, "supervised warm-start steps on expert trajectories (0 = skip)")
     lr: float = _field(3e-3, "warm-start learning rate")
     batch_size: int = _field(16, "expert trajectories per warm-start step over all ranks")
     warmup_steps: int = _field(10, "warm-start linear warmup steps")
@@ -318,7 +319,7 @@ class SFTConfig:
 class TrainerConfig:
     name: str = _field("tiny", "run name: everything is written under <run_dir>/<name>/")
     run_dir: str = _field("runs", "parent directory of runs")
-    steps: int = _field(20, "RL steps")
+    steps: int = _field(10, "RL steps")
     save_every: int = _field(10, "checkpoint every N steps (and always at the end; 0 = only at the end)")
     keep_checkpoints: int = _field(2, "checkpoints kept on disk, newest first (0 = keep all)")
     resume: str = _field("auto",

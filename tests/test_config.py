@@ -33,14 +33,14 @@ def test_defaults_are_valid_and_tiny_yaml_lists_them_all():
 def test_both_override_conventions_and_value_kinds():
     cfg = parse_args(["--rollout.group_size", "16", "optimizer.lr=1e-6", "--algorithm.dual_clip=3",
                       "--model.activation_checkpointing", "--env.eval_objectives", "1,2,8",
-                      "env.train_objectives=[1, 4]", "--optimizer.betas", "0.9,0.95",
+                      "env.train_objectives=[1, 4]", "--optimizer.betas", "0.8,0.9",
                       "--algorithm.scale_by_std", "false", "--env.info_max_chars", "none",
                       "--trainer.name", "7"])
     assert cfg.rollout.group_size == 16 and isinstance(cfg.rollout.group_size, int)
     assert cfg.optimizer.lr == 1e-6 and cfg.algorithm.dual_clip == 3.0
     assert cfg.model.activation_checkpointing is True and cfg.algorithm.scale_by_std is False
     assert cfg.env.eval_objectives == [1, 2, 8] and cfg.env.train_objectives == [1, 4]
-    assert cfg.optimizer.betas == [0.9, 0.95] and cfg.env.info_max_chars is None
+    assert cfg.optimizer.betas == [0.8, 0.9] and cfg.env.info_max_chars is None
     assert cfg.trainer.name == "7"
 
 
@@ -179,7 +179,7 @@ def test_own_data_combinations_that_cannot_work_are_config_errors(tmp_path):
         (["--env.corpus_path", str(tasks), "--sft.steps", "0"] + model, r"env.train_tasks_path must be a task file"),
         (files + ["--env.corpus_path", str(tasks), "--sft.steps", "0"], r"model.path must be a local model directory"),
         (files + model + ["--env.corpus_path", str(tasks)],
-         r"sft.data_path must be a demonstrations file for sft.steps=300"),
+         r"sft.data_path must be a demonstrations file for sft.steps=500"),
         (["--env.search_url", "http://h:1/retrieve"], r"env.search_url must be None unless env.search is 'http'"),
         (["--env.search", "http", "--env.search_url", "h:1/retrieve"],
          r"env.search_url must be an http:// or https:// URL"),

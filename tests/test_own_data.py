@@ -158,3 +158,14 @@ def test_expert_turns_beyond_max_turns_is_a_setup_error():
 
     with pytest.raises(SetupError, match=r"rollout.max_turns=2 is too small .*the expert needs 4 turns"):
         build_task_side(parse_args(["--rollout.max_turns", "2", "--env.train_objectives", "2"]))
+
+
+@pytest.mark.parametrize("counts, numbered", [(("1", "1"), False), (("1", "1,2"), True), (("1,2,3,4", "1,2,4"), True)])
+def test_a_run_mixing_objective_counts_numbers_every_prompt(counts, numbered):
+    """One instruction text per run: when train or eval tasks have several objectives, a
+    single question is worded like several ("Question 1: ...")."""
+    side = build_task_side(parse_args(["--sft.steps", "0", "--env.train_objectives", counts[0],
+                                       "--env.eval_objectives", counts[1]]))
+    assert side.env.config.numbered_questions is numbered
+    single = next(t for t in side.train_tasks if t.num_objectives == 1)
+    assert ("\nQuestion 1: " in side.env.prompt(single)) is numbered

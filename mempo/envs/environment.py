@@ -27,13 +27,15 @@ from mempo.envs.transcript import TokenUsage, Transcript, Turn, token_usage
 class EnvConfig:
     """top_k: passages per search. max_turns: model turns per episode (answer included).
     info_max_chars / info_max_tokens: cap of each information block (tokens need the env's
-    `count_tokens`). info_show_titles: print "Title: " before each passage."""
+    `count_tokens`). info_show_titles: print "Title: " before each passage. numbered_questions:
+    single-question prompts worded like several-question ones (`build_prompt(numbered=True)`)."""
 
     top_k: int = 3
     max_turns: int = 10
     info_max_chars: int | None = 2000
     info_max_tokens: int | None = None
     info_show_titles: bool = True
+    numbered_questions: bool = False
     reward: RewardConfig = RewardConfig()
     tags: AgentTags = DEFAULT_TAGS
 
@@ -86,7 +88,7 @@ class SearchEnv:
         self.prompt_template = prompt_template
 
     def prompt(self, task: Task) -> str:
-        text = build_prompt(task, self.config.tags)
+        text = build_prompt(task, self.config.tags, self.config.numbered_questions)
         return text if self.prompt_template is None else self.prompt_template(text)
 
     def reset(self, tasks: Sequence[Task]) -> list[Episode]:

@@ -8,10 +8,11 @@ from mempo.envs.agent_format import DEFAULT_TAGS, AgentTags
 from mempo.envs.tasks import Task
 
 
-def agent_instructions(num_objectives: int, tags: AgentTags = DEFAULT_TAGS) -> str:
-    """The grammar in a few plain sentences (kept short: it sits in every context)."""
+def agent_instructions(num_objectives: int, tags: AgentTags = DEFAULT_TAGS, numbered: bool = False) -> str:
+    """The grammar in a few plain sentences (kept short: it sits in every context). numbered: the
+    several-questions wording even for one question (see `build_prompt`)."""
     mem, search, answer, info = tags.mem, tags.search, tags.answer, tags.information
-    answer_rule = (f"{answer[0]}answer{answer[1]}" if num_objectives == 1 else
+    answer_rule = (f"{answer[0]}answer{answer[1]}" if num_objectives == 1 and not numbered else
                    f"{answer[0]}answer 1{tags.answer_separator} answer 2 ...{answer[1]} "
                    f"with one answer per question, in order")
     return (f"Answer by searching. Each turn, first write {mem[0]}...{mem[1]} with every fact "
@@ -19,15 +20,19 @@ def agent_instructions(num_objectives: int, tags: AgentTags = DEFAULT_TAGS) -> s
             f"{info[0]}...{info[1]}) or {answer_rule}.")
 
 
-def format_questions(task: Task) -> str:
-    if task.num_objectives == 1:
+def format_questions(task: Task, numbered: bool = False) -> str:
+    if task.num_objectives == 1 and not numbered:
         return f"Question: {task.questions[0]}"
     return "\n".join(f"Question {i}: {q}" for i, q in enumerate(task.questions, start=1))
 
 
-def build_prompt(task: Task, tags: AgentTags = DEFAULT_TAGS) -> str:
-    """Instructions + questions, ending in a newline; the model's first turn follows."""
-    return f"{agent_instructions(task.num_objectives, tags)}\n{format_questions(task)}\n"
+def build_prompt(task: Task, tags: AgentTags = DEFAULT_TAGS, numbered: bool = False) -> str:
+    """Instructions + questions, ending in a newline; the model's first turn follows.
+
+    numbered: a single question is written like one of several ("Question 1: ...", answers
+    "answer 1; answer 2 ..."), so that every task of a run that mixes objective counts gets the
+    same instructions (EnvConfig.numbered_questions)."""
+    return f"{agent_instructions(task.num_objectives, tags, numbered)}\n{format_questions(task, numbered)}\n"
 
 
 def chat_template_prompt(tokenizer, system_prompt: str | None = None) -> Callable[[str], str]:

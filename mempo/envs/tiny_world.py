@@ -162,7 +162,7 @@ class TinyWorld:
                                    self.config.seed)
 
     def prompt(self, task: Task) -> str:
-        return build_prompt(task, self.config.env.tags)
+        return build_prompt(task, self.config.env.tags, self.config.env.numbered_questions)
 
     def training_texts(self, max_objectives: int = 4) -> list[str]:
         """Every kind of text the agent meets (corpus, prompts, expert turns), in a fixed

@@ -4,12 +4,17 @@ still needs in its memory, and answers from that memory.
 Two memory styles (turn texts with the default tags):
   facts    every fact found so far, verbatim, one sentence each:
            <mem>Ana was born in Kavaizi. The mentor of Bo is Ana.</mem><search>Ana works as</search>
-  answers  one entry per objective begun, in order: its answer once found, else the relation and
-           the entity of the hop found so far (the bridge the next query starts from):
+  answers  one entry per objective, in order, a to-do list: its answer once found, else the
+           relation and the entity of the hop found so far (the bridge the next query starts
+           from), else `?` (not begun):
+           <mem>1: ?; 2: ?</mem><search>Bo born</search>
            <mem>1: Kavaizi; 2: mentor Ana</mem><search>Ana works as</search>
            <mem>1: Kavaizi; 2: baker</mem><answer>Kavaizi; baker</answer>
 With the mempo context policy the agent sees only the prompt and its last memory when it picks
-the next query and when it answers, so the memory must say which objectives are done.
+the next query and when it answers, so the memory must say which objectives are done: the next
+query serves the first entry that is not an answer, and no such entry left means answer. (Listing
+the objectives not begun as `?` makes that choice local to the memory; at 300 warm-start steps it
+raised held-out EM at 1/2/4 objectives from 0.30/0.16/0.04 to 0.32/0.18/0.05, one run each.)
 
 A lossy expert (`omit` > 0, answers style) writes `UNKNOWN` instead of an objective's answer with
 probability `omit` when it finds that answer (never recovered; the answer turn then says
@@ -41,6 +46,8 @@ MEMORY_STYLES = ("facts", "answers")
 
 # what a lossy expert remembers, and answers, for an objective whose answer it did not keep
 UNKNOWN = "unknown"
+# the answers-style entry of an objective not begun yet
+PENDING = "?"
 
 
 class ExpertPolicy:
@@ -79,6 +86,8 @@ class ExpertPolicy:
                 entries.append(f"{i + 1}: {hops[-1].object if self.kept[i] else UNKNOWN}")
             elif done:
                 entries.append(f"{i + 1}: {hops[done - 1].relation} {hops[done - 1].object}")
+            else:
+                entries.append(f"{i + 1}: {PENDING}")
         return "; ".join(entries)
 
     def text(self) -> str:

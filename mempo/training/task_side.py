@@ -98,8 +98,11 @@ def _prompt_template(cfg: Config, tokenizer, where: str):
 
 
 def _env_config(cfg: Config, base: EnvConfig) -> EnvConfig:
+    """A run that mixes objective counts words every prompt alike, a single question included."""
+    counts = set(cfg.env.train_objectives) | set(cfg.env.eval_objectives)
     return dataclasses.replace(base, top_k=cfg.env.top_k, max_turns=cfg.rollout.max_turns,
-                               info_max_chars=cfg.env.info_max_chars, info_max_tokens=cfg.env.info_max_tokens)
+                               info_max_chars=cfg.env.info_max_chars, info_max_tokens=cfg.env.info_max_tokens,
+                               numbered_questions=max(counts) > 1)
 
 
 def _task_sets(path: str, objectives: list[int], count: int | None, seed: int, option: str) -> dict[int, list[Task]]:

@@ -119,3 +119,15 @@ def test_trajectory_dict_roundtrip(world):
     (trajectory,) = world.expert_trajectories(world.tasks("train", 3)[:1])
     again = Transcript.from_dict(json.loads(json.dumps(trajectory.to_dict())))
     assert again == trajectory and world.env().replay(again).reward == 1.0
+
+
+def test_numbered_questions_word_a_single_question_like_several():
+    """A run that mixes objective counts gives every task the same instructions: with
+    numbered_questions a single question reads "Question 1: ..." under the several-answers rule."""
+    one, two = build_prompt(_task(1)), build_prompt(_task(2))
+    assert "Question: Q0?" in one and "answer 1; answer 2" not in one
+    numbered = SearchEnv(_CountingTool(), EnvConfig(numbered_questions=True)).prompt(_task(1))
+    assert numbered == build_prompt(_task(1), numbered=True)
+    assert numbered.splitlines()[0] == two.splitlines()[0]  # the same instructions
+    assert numbered.splitlines()[1:] == ["Question 1: Q0?"]
+    assert SearchEnv(_CountingTool(), EnvConfig(numbered_questions=True)).prompt(_task(2)) == two

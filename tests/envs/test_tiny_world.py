@@ -112,10 +112,10 @@ def _entries(memory: str) -> dict[int, str]:
 @pytest.mark.parametrize("omit", [0.0, 0.5])
 @pytest.mark.parametrize("num_objectives", [1, 2, 4])
 def test_answers_memory_tells_which_objectives_are_done(world, num_objectives, omit):
-    """answers style: one entry per objective begun; each search goes to the first objective not
-    done (its first hop, or the hop after its bridge); once written, an answer (or UNKNOWN) stays;
-    the answer turn copies the entries; the reward is the fraction of answers kept."""
-    from mempo.envs.tiny_world_expert import UNKNOWN
+    """answers style: one entry per objective (PENDING until begun); each search goes to the first
+    objective not done (its first hop, or the hop after its bridge); once written, an answer (or
+    UNKNOWN) stays; the answer turn copies the entries; the reward is the fraction of answers kept."""
+    from mempo.envs.tiny_world_expert import PENDING, UNKNOWN
 
     tasks = world.tasks("train", num_objectives)[:64]
     trajectories = world.expert_trajectories(tasks, memory="answers", omit=omit)
@@ -124,15 +124,17 @@ def test_answers_memory_tells_which_objectives_are_done(world, num_objectives, o
         plan = world.plan(task)
         steps = [parse_step(t.model, num_objectives=num_objectives) for t in trajectory.turns]
         memories = [_entries(step.memory) for step in steps]
+        assert all(sorted(memory) == list(range(1, num_objectives + 1)) for memory in memories)
         for step, memory in zip(steps[:-1], memories):
-            todo = next(i for i in range(num_objectives) if memory.get(i + 1, " ").split(" ")[0]
-                        in ("", "mentor", "born"))
-            hops, value = plan[todo], memory.get(todo + 1)
-            expected = hops[0] if value is None else next(h for h in hops[1:] if h.subject == value.split(" ")[1])
+            todo = next(i for i in range(num_objectives) if memory[i + 1].split(" ")[0]
+                        in (PENDING, "mentor", "born"))
+            hops, value = plan[todo], memory[todo + 1]
+            expected = hops[0] if value == PENDING else next(h for h in hops[1:] if h.subject == value.split(" ")[1])
             assert step.query == expected.query
+        assert all(v == PENDING for v in memories[0].values())
         for before, after in zip(memories, memories[1:]):
-            for i, value in before.items():  # entries only ever move from a bridge to the answer
-                assert after[i] == value or value.split(" ")[0] in ("mentor", "born")
+            for i, value in before.items():  # entries only move from pending to a bridge to the answer
+                assert after[i] == value or value.split(" ")[0] in (PENDING, "mentor", "born")
         last = memories[-1]
         assert sorted(last) == list(range(1, num_objectives + 1))
         assert steps[-1].answers == tuple(last[i + 1] for i in range(num_objectives))
@@ -163,7 +165,7 @@ def test_lossy_answer_and_bridge_are_separate_entries(world):
     """'Where was X born?' + 'In which country was X born?': one search finds X's birthplace; a
     nearly always omitting expert loses the first answer, yet the second entry keeps the bridge."""
     from mempo.envs import Task
-    from mempo.envs.tiny_world_expert import UNKNOWN
+    from mempo.envs.tiny_world_expert import PENDING, UNKNOWN
 
     by_question = {q.task.questions[0]: q for q in world.questions}
     person = next(p for p in world.facts.people if f"Where was {p} born?" in by_question
@@ -173,5 +175,6 @@ def test_lossy_answer_and_bridge_are_separate_entries(world):
     (trajectory,) = world.expert_trajectories([task], memory="answers", omit=0.99)
     steps = [parse_step(t.model, num_objectives=2) for t in trajectory.turns]
     city = single.hops[-1].object
-    assert [s.memory for s in steps] == ["", f"1: {UNKNOWN}; 2: born {city}", f"1: {UNKNOWN}; 2: {UNKNOWN}"]
+    assert [s.memory for s in steps] == [f"1: {PENDING}; 2: {PENDING}", f"1: {UNKNOWN}; 2: born {city}",
+                                         f"1: {UNKNOWN}; 2: {UNKNOWN}"]
     assert steps[1].query == double.hops[1].query and steps[-1].answers == (UNKNOWN, UNKNOWN)
