@@ -95,6 +95,8 @@ class EnvironmentConfig:
     num_cities: int = _field(10, "tiny world: city entities")
     num_countries: int = _field(4, "tiny world: country entities")
     heldout_fraction: float = _field(0.2, "fraction of questions held out for evaluation")
+    tasks_per_count: int = _field(256, "tiny world: composed tasks per split and objective count >= 2 "
+                                  "(1-objective tasks are every question of the split)")
     expert_memory: Literal["facts", "answers"] = _field("answers",
         "tiny world: what the warm-start experts memorise: facts (every fact found, verbatim) or answers "
         "(a to-do list, one entry per question: its answer, the hop found so far, or ? if not begun)")
@@ -134,7 +136,8 @@ class EnvironmentConfig:
                 or self.eval_tasks_path is not None)
 
     def validate(self) -> None:
-        for name in ("num_people", "num_cities", "num_countries", "top_k", "eval_tasks", "tokenizer_vocab_size"):
+        for name in ("num_people", "num_cities", "num_countries", "tasks_per_count", "top_k", "eval_tasks",
+                     "tokenizer_vocab_size"):
             _require(getattr(self, name) >= 1, f"env.{name}", ">= 1", getattr(self, name))
         _require(0.0 < self.heldout_fraction < 1.0, "env.heldout_fraction", "in (0, 1)", self.heldout_fraction)
         _require(0.0 <= self.expert_omit < 1.0, "env.expert_omit", "in [0, 1)", self.expert_omit)

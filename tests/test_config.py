@@ -76,6 +76,7 @@ def test_file_then_overrides_in_order(tmp_path):
     (["--model.activation_checkpointing", "maybe"], r"model.activation_checkpointing must be true or false"),
     (["--model.num_kv_heads", "3"], r"model.num_kv_heads must be a divisor of num_heads=4"),
     (["--env.eval_objectives", "1,0"], r"env.eval_objectives must be a non-empty list of counts >= 1"),
+    (["--env.tasks_per_count", "0"], r"env.tasks_per_count must be >= 1, got 0"),
     (["--optimizer.betas", "0.9"], r"optimizer.betas must be two values"),
     (["--trainer.steps"], r"--trainer.steps needs a value"),
     (["stray"], r"cannot parse argument 'stray'"),

@@ -169,3 +169,10 @@ def test_a_run_mixing_objective_counts_numbers_every_prompt(counts, numbered):
     assert side.env.config.numbered_questions is numbered
     single = next(t for t in side.train_tasks if t.num_objectives == 1)
     assert ("\nQuestion 1: " in side.env.prompt(single)) is numbered
+
+
+def test_tasks_per_count_sizes_the_tiny_worlds_composed_tasks():
+    side = build_task_side(parse_args(["--sft.steps", "0", "--env.tasks_per_count", "3"]))
+    counts = [t.num_objectives for t in side.train_tasks]
+    assert [counts.count(n) for n in (1, 2, 3, 4)] == [240, 3, 3, 3]  # singles: every train question
+    assert all(len(tasks) == min(3, 64) for n, tasks in side.eval_sets.items() if n > 1)

@@ -137,7 +137,8 @@ def build_task_side(cfg: Config) -> TaskSide:
         probe = build_tiny_world(seed=cfg.env.world_seed)
         world = build_tiny_world(seed=cfg.env.world_seed, num_people=cfg.env.num_people,
                                  num_cities=cfg.env.num_cities, num_countries=cfg.env.num_countries,
-                                 heldout_fraction=cfg.env.heldout_fraction, expert_memory=cfg.env.expert_memory,
+                                 heldout_fraction=cfg.env.heldout_fraction, tasks_per_count=cfg.env.tasks_per_count,
+                                 expert_memory=cfg.env.expert_memory,
                                  expert_omit=cfg.env.expert_omit,
                                  env=_env_config(cfg, probe.config.env))
         if tokenizer is None:
