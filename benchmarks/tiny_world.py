@@ -1,6 +1,6 @@
 """The tiny-world experiment record: warm start vs GRPO vs MemPO vs keep-all, over seeds.
 
-    python benchmarks/tiny_world.py                      # the record in RESULTS.md (~50 min, 2 cores)
+    python benchmarks/tiny_world.py                      # the record in RESULTS.md (tens of minutes on 2 cores)
     python benchmarks/tiny_world.py --settings lossy,faithful --seeds 0,1,2   # both settings, 3 seeds
     python benchmarks/tiny_world.py --seeds 0 --steps 5  # a quick look
     pip install -e ".[bench]"                            # matplotlib, for the PNG plots
