@@ -298,10 +298,12 @@ class OptimizerConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = _field(500, "supervised warm-start steps on expert trajectories (0 = skip)")
+    steps: int = _field(450, "supervised warm-start steps on expert trajectories (0 = skip)")
     lr: float = _field(3e-3, "warm-start learning rate")
     batch_size: int = _field(16, "expert trajectories per warm-start step over all ranks")
     warmup_steps: int = _field(10, "warm-start linear warmup steps")
+    decay_fraction: float = _field(0.2, "the last fraction of warm-start steps decays the lr linearly to 0 "
+                                   "(warmup-stable-decay; 0 = constant after warmup)")
     data_path: str | None = _field(None,
         "JSONL demonstrations for the warm start (see mempo.envs.demonstrations; None = the tiny "
         "world's experts, which exist only for the tiny world)")
@@ -316,6 +318,7 @@ class SFTConfig:
         _require(self.lr > 0, "sft.lr", "> 0", self.lr)
         _require(self.batch_size >= 1, "sft.batch_size", ">= 1", self.batch_size)
         _require(self.warmup_steps >= 0, "sft.warmup_steps", ">= 0", self.warmup_steps)
+        _require(0.0 <= self.decay_fraction <= 1.0, "sft.decay_fraction", "in [0, 1]", self.decay_fraction)
 
 
 @dataclass

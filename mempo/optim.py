@@ -23,14 +23,17 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float | None = N
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, scheduler: str = "constant",
-                  min_lr_ratio: float = 0.0) -> float:
-    """Factor on the peak lr before optimizer step `step` (0-based)."""
+                  min_lr_ratio: float = 0.0, decay_steps: int = 0) -> float:
+    """Factor on the peak lr before optimizer step `step` (0-based). constant with decay_steps > 0:
+    warmup-stable-decay, the last decay_steps steps (at most those after warmup) go linearly
+    towards 0 (the last one at 1/decay_steps)."""
     if scheduler not in ("constant", "cosine"):
         raise ValueError(f"scheduler must be 'constant' or 'cosine', got {scheduler!r}")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if scheduler == "constant":
-        return 1.0
+        decay_steps = min(decay_steps, total_steps - warmup_steps)
+        return min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

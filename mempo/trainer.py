@@ -55,7 +55,8 @@ def step_seed(seed: int, phase: str, step: int) -> int:
 def learning_rate(cfg: Config, step: int) -> float:
     """Absolute LR at global step `step`: warm-start schedule, then the RL schedule."""
     if step < cfg.sft.steps:
-        return cfg.sft.lr * lr_multiplier(step, cfg.sft.warmup_steps, cfg.sft.steps)
+        return cfg.sft.lr * lr_multiplier(step, cfg.sft.warmup_steps, cfg.sft.steps,
+                                          decay_steps=round(cfg.sft.decay_fraction * cfg.sft.steps))
     return cfg.optimizer.lr * lr_multiplier(step - cfg.sft.steps, cfg.optimizer.warmup_steps, cfg.trainer.steps,
                                             cfg.optimizer.scheduler, cfg.optimizer.min_lr_ratio)
 

@@ -4,17 +4,19 @@ still needs in its memory, and answers from that memory.
 Two memory styles (turn texts with the default tags):
   facts    every fact found so far, verbatim, one sentence each:
            <mem>Ana was born in Kavaizi. The mentor of Bo is Ana.</mem><search>Ana works as</search>
-  answers  one entry per objective, in order, a to-do list: its answer once found, else the
-           relation and the entity of the hop found so far (the bridge the next query starts
-           from), else `?` (not begun):
-           <mem>1: ?; 2: ?</mem><search>Bo born</search>
-           <mem>1: Kavaizi; 2: mentor Ana</mem><search>Ana works as</search>
-           <mem>1: Kavaizi; 2: baker</mem><answer>Kavaizi; baker</answer>
+  answers  one entry per objective, in order, a to-do list: its number, then its answer once
+           found, else the relation and the entity of the hop found so far (the bridge the next
+           query starts from), else `?` (not begun); the numbers are the only separators:
+           <mem>1 ? 2 ?</mem><search>Bo born</search>
+           <mem>1 Kavaizi 2 mentor Ana</mem><search>Ana works as</search>
+           <mem>1 Kavaizi 2 baker</mem><answer>Kavaizi; baker</answer>
 With the mempo context policy the agent sees only the prompt and its last memory when it picks
 the next query and when it answers, so the memory must say which objectives are done: the next
 query serves the first entry that is not an answer, and no such entry left means answer. (Listing
 the objectives not begun as `?` makes that choice local to the memory; at 300 warm-start steps it
-raised held-out EM at 1/2/4 objectives from 0.30/0.16/0.04 to 0.32/0.18/0.05, one run each.)
+raised held-out EM at 1/2/4 objectives from 0.30/0.16/0.04 to 0.32/0.18/0.05, one run each.
+An entry costs two tokens plus its value; "1: x; 2: y" cost four and put the expert's peak
+context at 4 objectives at 1.52x that at 1, "1 x 2 y" puts it at 1.43x.)
 
 A lossy expert (`omit` > 0, answers style) writes `UNKNOWN` instead of an objective's answer with
 probability `omit` when it finds that answer (never recovered; the answer turn then says
@@ -30,6 +32,7 @@ what the tool returns, and every fact it memorises appears in one of them.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -48,6 +51,18 @@ MEMORY_STYLES = ("facts", "answers")
 UNKNOWN = "unknown"
 # the answers-style entry of an objective not begun yet
 PENDING = "?"
+
+
+def format_entries(values: Sequence[str]) -> str:
+    """The answers-style memory: ['Kavaizi', 'mentor Ana'] -> '1 Kavaizi 2 mentor Ana'."""
+    return " ".join(f"{i} {value}" for i, value in enumerate(values, start=1))
+
+
+def parse_entries(memory: str) -> dict[int, str]:
+    """Inverse of `format_entries` (values hold no numbers):
+    '1 Kavaizi 2 mentor Ana' -> {1: 'Kavaizi', 2: 'mentor Ana'}."""
+    parts = re.split(r"(?:^| )(\d+) ", memory)  # ['', '1', 'Kavaizi', '2', 'mentor Ana']
+    return {int(k): v for k, v in zip(parts[1::2], parts[2::2])}
 
 
 class ExpertPolicy:
@@ -77,18 +92,18 @@ class ExpertPolicy:
     def memory(self) -> str:
         if self.style == "facts":
             return " ".join(f.sentence for f in self.known)
-        entries = []
+        values = []
         for i, hops in enumerate(self.plan):
             done = 0  # hops found in order (a later hop may be known first, as another objective's)
             while done < len(hops) and hops[done] in self.known:
                 done += 1
             if done == len(hops):
-                entries.append(f"{i + 1}: {hops[-1].object if self.kept[i] else UNKNOWN}")
+                values.append(hops[-1].object if self.kept[i] else UNKNOWN)
             elif done:
-                entries.append(f"{i + 1}: {hops[done - 1].relation} {hops[done - 1].object}")
+                values.append(f"{hops[done - 1].relation} {hops[done - 1].object}")
             else:
-                entries.append(f"{i + 1}: {PENDING}")
-        return "; ".join(entries)
+                values.append(PENDING)
+        return format_entries(values)
 
     def text(self) -> str:
         if self.pending:

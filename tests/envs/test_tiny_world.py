@@ -104,18 +104,13 @@ def test_write_files_load_back(world, tmp_path):
 
 
 
-def _entries(memory: str) -> dict[int, str]:
-    """'1: Kavaizi; 2: mentor Ana' -> {1: 'Kavaizi', 2: 'mentor Ana'}"""
-    return {int(k): v for k, _, v in (e.partition(": ") for e in memory.split("; ") if e)}
-
-
 @pytest.mark.parametrize("omit", [0.0, 0.5])
 @pytest.mark.parametrize("num_objectives", [1, 2, 4])
 def test_answers_memory_tells_which_objectives_are_done(world, num_objectives, omit):
     """answers style: one entry per objective (PENDING until begun); each search goes to the first
     objective not done (its first hop, or the hop after its bridge); once written, an answer (or
     UNKNOWN) stays; the answer turn copies the entries; the reward is the fraction of answers kept."""
-    from mempo.envs.tiny_world_expert import PENDING, UNKNOWN
+    from mempo.envs.tiny_world_expert import PENDING, UNKNOWN, parse_entries
 
     tasks = world.tasks("train", num_objectives)[:64]
     trajectories = world.expert_trajectories(tasks, memory="answers", omit=omit)
@@ -123,7 +118,7 @@ def test_answers_memory_tells_which_objectives_are_done(world, num_objectives, o
     for task, trajectory in zip(tasks, trajectories):
         plan = world.plan(task)
         steps = [parse_step(t.model, num_objectives=num_objectives) for t in trajectory.turns]
-        memories = [_entries(step.memory) for step in steps]
+        memories = [parse_entries(step.memory) for step in steps]
         assert all(sorted(memory) == list(range(1, num_objectives + 1)) for memory in memories)
         for step, memory in zip(steps[:-1], memories):
             todo = next(i for i in range(num_objectives) if memory[i + 1].split(" ")[0]
@@ -175,6 +170,6 @@ def test_lossy_answer_and_bridge_are_separate_entries(world):
     (trajectory,) = world.expert_trajectories([task], memory="answers", omit=0.99)
     steps = [parse_step(t.model, num_objectives=2) for t in trajectory.turns]
     city = single.hops[-1].object
-    assert [s.memory for s in steps] == [f"1: {PENDING}; 2: {PENDING}", f"1: {UNKNOWN}; 2: born {city}",
-                                         f"1: {UNKNOWN}; 2: {UNKNOWN}"]
+    assert [s.memory for s in steps] == [f"1 {PENDING} 2 {PENDING}", f"1 {UNKNOWN} 2 born {city}",
+                                         f"1 {UNKNOWN} 2 {UNKNOWN}"]
     assert steps[1].query == double.hops[1].query and steps[-1].answers == (UNKNOWN, UNKNOWN)
