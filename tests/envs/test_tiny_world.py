@@ -103,7 +103,6 @@ def test_write_files_load_back(world, tmp_path):
     assert BM25Search.from_jsonl(tmp_path / "corpus.jsonl").search(["x"], 1) is not None
 
 
-
 @pytest.mark.parametrize("omit", [0.0, 0.5])
 @pytest.mark.parametrize("num_objectives", [1, 2, 4])
 def test_answers_memory_tells_which_objectives_are_done(world, num_objectives, omit):
