@@ -34,8 +34,8 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, scheduler: str
     if scheduler == "constant":
         decay_steps = min(decay_steps, total_steps - warmup_steps)
         return min(1.0, (total_steps - step) / decay_steps) if decay_steps > 0 else 1.0
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    span = max(1, total_steps - warmup_steps)  # cosine: the whole run after warmup
+    progress = min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
