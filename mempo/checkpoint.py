@@ -303,6 +303,22 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _shape_mismatches(path: Path, model_sd: dict[str, Any]) -> list[str]:
+    """'name: [saved] saved, [here] here' for each model tensor whose shape differs from the
+    checkpoint's (a changed model config or tokenizer); [] if the metadata cannot be read (the
+    load then reports what is wrong)."""
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by the load itself
+        return []
+    out = []
+    for name, tensor in model_sd.items():
+        size = getattr(saved.get(f"model.{name}"), "size", None)
+        if size is not None and isinstance(tensor, torch.Tensor) and tuple(size) != tuple(tensor.shape):
+            out.append(f"{name} is {list(size)} there, {list(tensor.shape)} here")
+    return out
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     *, restore_rng: bool = True) -> TrainState:
@@ -311,6 +327,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     way as (or any way compatible with) the saving run. Returns the TrainState."""
     path = _complete_checkpoint(path)
     model_sd, optim_sd = get_state_dict(model, optimizer if optimizer is not None else [])
+    mismatched = _shape_mismatches(path, model_sd)
+    if mismatched:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds another model: {'; '.join(mismatched[:3])}"
+            f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}. A run directory resumes "
+            f"its own run (its config: {path / 'config.yaml'}); start another with --trainer.name NAME, or this "
+            "one afresh with --trainer.resume never")
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optim_sd

@@ -174,6 +174,17 @@ def test_corrupt_or_missing_checkpoint_errors_name_the_path(tmp_path):
         resolve_resume(tmp_path, str(path))
 
 
+def test_checkpoint_of_another_model_is_named_not_loaded(tmp_path):
+    """Resuming a run directory with a changed model or tokenizer: one line naming the tensors."""
+    model, optimizer, scheduler = _model_and_optimizer(0)
+    path = save_checkpoint(tmp_path, 3, model, optimizer, scheduler, config_yaml="x: 1\n")
+    other = build_model(TINY_MODEL, 80, seed=0)  # a larger vocabulary
+    with pytest.raises(CheckpointError, match=r"holds another model: .*embed_tokens.weight is \[64, .*\] there, "
+                                              r"\[80, .*\] here.*--trainer.name"):
+        load_checkpoint(path, other, build_optimizer(other, OptimizerConfig(lr=1e-2)))
+    load_checkpoint(path, model, optimizer, scheduler)  # the same model still loads
+
+
 def test_find_latest_ignores_partial_and_stale_pointer(tmp_path):
     assert find_latest(tmp_path) is None and resolve_resume(tmp_path, "auto") is None
     model, optimizer, scheduler = _model_and_optimizer(0)

@@ -21,12 +21,10 @@ def test_token_kinds_memory_think_action_answer():
     task, tok, traj = _traj([("<mem></mem><think>look it up</think><search>Zaputh born</search>", info),
                              ("<mem>Zaputh was born in Kavaizi.</mem><answer>Kavaizi</answer>", None)])
     kinds = token_kinds(traj, tok, DEFAULT_TAGS)
-    text = {k: tok.decode([t for t, kk in zip(traj.token_ids, kinds) if kk == k]) for k in
-            ("memory", "think", "action", "answer")}
-    assert text["memory"] == "<mem></mem><mem>Zaputh was born in Kavaizi.</mem>"
-    assert text["think"] == "<think>look it up</think>"
-    assert text["action"] == "<search>Zaputh born</search>"
-    assert text["answer"] == "<answer>Kavaizi</answer>"
+    ids = {k: [t for t, kk in zip(traj.token_ids, kinds) if kk == k] for k in ("memory", "think", "action", "answer")}
+    expected = {"memory": "<mem></mem><mem>Zaputh was born in Kavaizi.</mem>", "think": "<think>look it up</think>",
+                "action": "<search>Zaputh born</search>", "answer": "<answer>Kavaizi</answer>"}
+    assert ids == {k: tok(text, add_special_tokens=False)["input_ids"] for k, text in expected.items()}
     assert all(k is None for k, m in zip(kinds, traj.loss_mask) if not m)
     gaps = torch.zeros(len(traj) - 1)
     think_rows = [i - 1 for i, k in enumerate(kinds) if k == "think"]

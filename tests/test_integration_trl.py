@@ -71,10 +71,11 @@ CASES = [
     # old log-probs present (2 iterations), an update big enough to clip, asymmetric clip,
     # two-sided clip (delta), KL to the reference, temperature, gradient accumulation over a
     # generation batch twice its window (dapo's normaliser rescales by that), completions shorter
-    # than max_completion_length (Dr. GRPO's constant), ragged tool masks
+    # than max_completion_length (Dr. GRPO's constant), ragged tool masks; 4 steps, since the
+    # clip acts from step 3 on in these runs (TRL's clip_ratio/region_mean is 0 at steps 1-2)
     *[(loss_type, dict(num_iterations=2, learning_rate=0.05, epsilon_high=0.28, delta=1.5, beta=0.04,
                        use_bias_correction_kl=False, temperature=0.9, gradient_accumulation_steps=2,
-                       steps_per_generation=4, generation_kwargs={"max_new_tokens": 6}))
+                       steps_per_generation=4, generation_kwargs={"max_new_tokens": 6}, max_steps=4))
       for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo")],
 ]
 

@@ -104,7 +104,7 @@ def test_sampled_drops_under_a_tight_budget_keep_the_invariant():
     world, tok = tiny_world()
     tasks = [t for t in world.tasks("train", num_objectives=1) if t.questions[0].startswith("Where was the mentor")][:3]
     experts = world.expert_trajectories(tasks)
-    model = tiny_model(len(tok), seed=4)
+    model = tiny_model(len(tok), seed=5)  # a seed whose three rows all sample long turns: they outgrow the pool
     engine = NativeEngine(model, 300, kv_cache_bytes=512 * 304, block_size=8)
     trajs = run_rollout(engine, world.env(), tok, tasks, [0, 1, 2], ContextPolicy("mempo"),
                         SamplingParams(temperature=1.0, max_new_tokens=60, max_total_tokens=300, seed=5),

@@ -16,7 +16,8 @@ query serves the first entry that is not an answer, and no such entry left means
 the objectives not begun as `?` makes that choice local to the memory; at 300 warm-start steps it
 raised held-out EM at 1/2/4 objectives from 0.30/0.16/0.04 to 0.32/0.18/0.05, one run each.
 An entry costs two tokens plus its value; "1: x; 2: y" cost four and put the expert's peak
-context at 4 objectives at 1.52x that at 1, "1 x 2 y" puts it at 1.43x.)
+context at 4 objectives at 1.52x that at 1, "1 x 2 y" puts it at 1.43x; 1.45x since the tokenizer
+gives every word a leading space, which shortens 1-objective contexts the most.)
 
 A lossy expert (`omit` > 0, answers style) writes `UNKNOWN` instead of an objective's answer with
 probability `omit` when it finds that answer (never recovered; the answer turn then says

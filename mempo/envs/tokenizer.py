@@ -3,6 +3,13 @@
 Byte-level, so any string (model garbage, unicode) encodes without unknown tokens. The agent
 tags are added tokens (one id each, kept when decoding) so a tiny model sees each tag as one
 symbol and a rollout can stop on its id. Training on the same texts gives the same vocab.
+
+Every word is tokenized with a leading space, also right after a tag or a line break, so a name
+is one id wherever it appears: in a question (" of Noudris"), at the start of a query
+("<search>Noudris born") or of a passage ("\nNoudris was born"). With GPT-2's plain byte-level
+rule those were two ids (`Noudris` and `ĠNoudris`), and the tiny model had to learn the pairing
+per name before it could copy one. Decoding shows the added spaces ("<search> Noudris born");
+the agent grammar ignores them, and re-encoding decoded text gives the same ids.
 Saved as a `PreTrainedTokenizerFast` directory: `AutoTokenizer.from_pretrained(dir)` loads it.
 """
 from __future__ import annotations
@@ -38,7 +45,9 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024,
     if vocab_size < 256 + len(tags_and_specials):
         raise ValueError(f"vocab_size must be >= {256 + len(tags_and_specials)}, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # each line, and each text between added tokens, starts with a space (see the module docstring)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "merged_with_previous"),
+                                                       pre_tokenizers.ByteLevel(add_prefix_space=True)])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(tags_and_specials) + 2,
                                   min_frequency=2, special_tokens=[EOS_TOKEN, PAD_TOKEN],
