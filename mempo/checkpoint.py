@@ -304,9 +304,9 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def _shape_mismatches(path: Path, model_sd: dict[str, Any]) -> list[str]:
-    """'name: [saved] saved, [here] here' for each model tensor whose shape differs from the
-    checkpoint's (a changed model config or tokenizer); [] if the metadata cannot be read (the
-    load then reports what is wrong)."""
+    """'name is [saved shape] there, [model shape] here' for each model tensor whose shape differs
+    from the checkpoint's (a changed model config or tokenizer); [] if the metadata cannot be read
+    (the load then reports what is wrong)."""
     try:
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception:  # noqa: BLE001 - a damaged checkpoint is reported by the load itself
@@ -332,8 +332,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
         raise CheckpointError(
             f"checkpoint {str(path)!r} holds another model: {'; '.join(mismatched[:3])}"
             f"{f' (and {len(mismatched) - 3} more)' if len(mismatched) > 3 else ''}. A run directory resumes "
-            f"its own run (its config: {path / 'config.yaml'}); start another with --trainer.name NAME, or this "
-            "one afresh with --trainer.resume never")
+            f"its own run (its config: {path / 'config.yaml'}); start another with --trainer.name NAME, or delete "
+            f"{path.parent.parent} to start this one afresh")
     state = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optim_sd

@@ -3,14 +3,14 @@
 Byte-level, so any string (model garbage, unicode) encodes without unknown tokens. The agent
 tags are added tokens (one id each, kept when decoding) so a tiny model sees each tag as one
 symbol and a rollout can stop on its id. Training on the same texts gives the same vocab.
+Saved as a `PreTrainedTokenizerFast` directory: `AutoTokenizer.from_pretrained(dir)` loads it.
 
 Every word is tokenized with a leading space, also right after a tag or a line break, so a name
 is one id wherever it appears: in a question (" of Noudris"), at the start of a query
-("<search>Noudris born") or of a passage ("\nNoudris was born"). With GPT-2's plain byte-level
+("<search>Noudris born") or of a passage (after a line break: "Noudris was born"). With GPT-2's plain byte-level
 rule those were two ids (`Noudris` and `ĠNoudris`), and the tiny model had to learn the pairing
 per name before it could copy one. Decoding shows the added spaces ("<search> Noudris born");
 the agent grammar ignores them, and re-encoding decoded text gives the same ids.
-Saved as a `PreTrainedTokenizerFast` directory: `AutoTokenizer.from_pretrained(dir)` loads it.
 """
 from __future__ import annotations
 
