@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import os
 import random
@@ -197,6 +198,25 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
         raise CheckpointError(f"no intact checkpoint in {root} (damaged: {', '.join(damaged)}); "
                               f"--trainer.resume never starts the run afresh")
     return None
+
+
+def retire_checkpoints(run_dir: str | os.PathLike) -> Path | None:
+    """Collective. A run that starts afresh (trainer.resume=never) in a directory with an earlier
+    run's checkpoints: rank 0 moves them to checkpoints.earlier-<UTC time>/ (kept, not deleted), so
+    that neither pruning nor a later resume=auto can pick a stale step. -> the new place, or None
+    when there was nothing to move."""
+    root = checkpoint_root(run_dir)
+    moved = None
+    if get_rank() == 0 and root.is_dir() and any(STEP_DIR.match(p.name.removesuffix(".tmp")) for p in root.iterdir()):
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        moved = root.with_name(f"{root.name}.earlier-{stamp}")
+        suffix = 1
+        while moved.exists():
+            suffix += 1
+            moved = root.with_name(f"{root.name}.earlier-{stamp}-{suffix}")
+        os.rename(root, moved)
+    barrier()
+    return moved
 
 
 def _rng_state() -> dict:

@@ -329,7 +329,8 @@ class TrainerConfig:
     save_every: int = _field(10, "checkpoint every N steps (and always at the end; 0 = only at the end)")
     keep_checkpoints: int = _field(2, "checkpoints kept on disk, newest first (0 = keep all)")
     resume: str = _field("auto",
-        "auto (latest complete checkpoint of the run, if any), never, or a checkpoint directory")
+        "auto (latest complete checkpoint of the run, if any), never (start afresh; an earlier run's "
+        "checkpoints move to checkpoints.earlier-<UTC time>/), or a checkpoint directory")
     max_bad_steps: int = _field(3,
         "consecutive non-finite loss/grad-norm steps (skipped) before the run stops")
     eval_every: int = _field(0, "evaluate on held-out tasks every N steps (0 = only at the end)")

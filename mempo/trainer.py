@@ -19,7 +19,15 @@ from pathlib import Path
 
 import torch
 
-from mempo.checkpoint import checkpoint_root, export_hf, load_checkpoint, resolve_resume, save_checkpoint, step_dir_name
+from mempo.checkpoint import (
+    checkpoint_root,
+    export_hf,
+    load_checkpoint,
+    resolve_resume,
+    retire_checkpoints,
+    save_checkpoint,
+    step_dir_name,
+)
 from mempo.config import Config
 from mempo.distributed import (
     all_reduce_max,
@@ -197,8 +205,11 @@ def run(cfg: Config, info) -> None:
         state = load_checkpoint(resume, policy, optimizer, scheduler)
         start = state.step
         guard.load_state_dict(state.extra.get("guard", guard.state_dict()))
+    retired = retire_checkpoints(out_dir) if cfg.trainer.resume == "never" else None
     log = RunLogger(out_dir, cfg.logging, enabled=info.is_rank0, config_dict=cfg.to_dict(), resume_step=start)
-    log.notice(("resuming from " + str(resume) + "\n" if resume else "") + "config:\n" + cfg.to_yaml())
+    log.notice(("resuming from " + str(resume) + "\n" if resume else "")
+               + (f"starting afresh (--trainer.resume never): the earlier run's checkpoints moved to {retired}\n"
+                  if retired else "") + "config:\n" + cfg.to_yaml())
     log.notice(f"tasks: {side.source}; tokenizer: {cfg.model.path or 'tiny world BPE'} "
                f"({len(side.tokenizer)} tokens, {side.prompt_format} prompt); search: {searched}")
 

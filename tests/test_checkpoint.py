@@ -22,6 +22,7 @@ from mempo.checkpoint import (
     find_latest,
     load_checkpoint,
     resolve_resume,
+    retire_checkpoints,
     save_checkpoint,
 )
 from mempo.config import OptimizerConfig
@@ -199,6 +200,27 @@ def test_find_latest_ignores_partial_and_stale_pointer(tmp_path):
     save_checkpoint(tmp_path, 4, model, optimizer, scheduler, keep_last=2)
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_0") and p.is_dir()) == \
         ["step_000002", "step_000003.tmp", "step_000004"]
+
+
+def test_a_fresh_start_moves_the_earlier_runs_checkpoints_aside(tmp_path):
+    """resume=never in a used directory: the earlier run's steps (even a half-written one) are
+    kept elsewhere, so pruning and a later resume=auto see only the new run's."""
+    assert retire_checkpoints(tmp_path) is None  # nothing there: nothing moved
+    model, optimizer, scheduler = _model_and_optimizer(0)
+    for step in (5, 6):
+        save_checkpoint(tmp_path, step, model, optimizer, scheduler)
+    (tmp_path / "checkpoints" / "step_000007.tmp").mkdir()
+    moved = retire_checkpoints(tmp_path)
+    assert moved.parent == tmp_path and moved.name.startswith("checkpoints.earlier-")
+    assert sorted(p.name for p in moved.iterdir()) == ["latest", "step_000005", "step_000006", "step_000007.tmp"]
+    assert find_latest(tmp_path) is None and resolve_resume(tmp_path, "auto") is None
+    save_checkpoint(tmp_path, 1, model, optimizer, scheduler, keep_last=1)
+    assert resolve_resume(tmp_path, "auto") == tmp_path / "checkpoints" / "step_000001"
+    again = retire_checkpoints(tmp_path)  # a second fresh start in the same second: another name
+    assert again != moved and (again / "step_000001").is_dir() and (moved / "step_000006").is_dir()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "notes.txt").write_text("not a checkpoint")
+    assert retire_checkpoints(tmp_path) is None  # no step directory: left where it is
 
 
 def test_export_of_a_wrapped_model(tmp_path):

@@ -80,3 +80,15 @@ def test_torchrun_train_resume_and_export(tmp_path):
     assert "resuming from " + str(tmp_path / "full" / "checkpoints" / "step_000003") in _torchrun.stdout
     keys = [(r["phase"], r["step"]) for r in longer]
     assert len(keys) == len(set(keys)) and set(_by_step(longer, "rl")) == {3, 4, 5}  # no duplicate records
+
+    # --trainer.resume never in the same directory starts afresh: the earlier run's checkpoints
+    # move aside, so neither pruning nor the next resume=auto picks its step 5
+    fresh = _torchrun(tmp_path, "full", "--trainer.steps", "1", "--trainer.resume", "never")
+    assert "starting afresh (--trainer.resume never): the earlier run's checkpoints moved to" in _torchrun.stdout
+    (earlier,) = (tmp_path / "full").glob("checkpoints.earlier-*")
+    assert (earlier / "step_000005").is_dir()
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == \
+        ["latest", "step_000002", "step_000003"]
+    assert set(_by_step(fresh, "rl")) == {3} and set(_by_step(fresh, "sft")) == {1, 2}
+    _torchrun(tmp_path, "full", "--trainer.steps", "1")
+    assert "already finished: checkpoint step_000003 is step 3 of 3" in _torchrun.stdout
