@@ -103,6 +103,11 @@ class EnvironmentConfig:
     expert_omit: float = _field(0.0,
         "tiny world, expert_memory answers: lossy warm-start experts; each answer the expert finds is "
         "memorised (and answered) as 'unknown' with this probability (0 = faithful memories)")
+    relabel_names: float = _field(0.5,
+        "tiny world: the fraction of warm-start demonstrations shown in a relabeled world (each kind of "
+        "name, people, cities, countries, occupations, goods, permuted at random, the same way throughout "
+        "the demonstration), so that the model learns to read and copy names rather than recall the "
+        "facts it memorised (0 = the world's own names only)")
     train_objectives: list[int] = _field([1, 2, 3, 4],
         "objectives per training task (tasks are drawn from each count)")
     eval_objectives: list[int] = _field([1, 2, 4],
@@ -141,6 +146,7 @@ class EnvironmentConfig:
             _require(getattr(self, name) >= 1, f"env.{name}", ">= 1", getattr(self, name))
         _require(0.0 < self.heldout_fraction < 1.0, "env.heldout_fraction", "in (0, 1)", self.heldout_fraction)
         _require(0.0 <= self.expert_omit < 1.0, "env.expert_omit", "in [0, 1)", self.expert_omit)
+        _require(0.0 <= self.relabel_names <= 1.0, "env.relabel_names", "in [0, 1]", self.relabel_names)
         _require(self.expert_omit == 0.0 or self.expert_memory == "answers", "env.expert_omit",
                  f"0 with env.expert_memory={self.expert_memory!r} (lossy experts need the answers style)",
                  self.expert_omit)

@@ -42,7 +42,7 @@ from mempo.distributed import (
 from mempo.models.builder import build_model
 from mempo.ops import PolicyLossOptions
 from mempo.optim import build_optimizer, lr_multiplier
-from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns
+from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout
 from mempo.rollout.kv_cache import KVBudgetError
 from mempo.run_log import RunLogger
 from mempo.step_guard import NonFiniteStepGuard
@@ -52,7 +52,7 @@ from mempo.training.importance_sampling import RolloutCorrection
 from mempo.training.inference_mode import full_weights, initialise_root
 from mempo.training.packed_batch import FILLER, pack_trajectories, split_by_token_budget
 from mempo.training.rl_step import RLStepOptions, evaluate_answers, rl_step
-from mempo.training.task_side import SetupError, build_task_side, live_query
+from mempo.training.task_side import Demonstrations, SetupError, build_task_side, live_query
 
 
 def step_seed(seed: int, phase: str, step: int) -> int:
@@ -69,11 +69,10 @@ def learning_rate(cfg: Config, step: int) -> float:
                                             cfg.optimizer.scheduler, cfg.optimizer.min_lr_ratio)
 
 
-def sft_step(policy, trajectories, cfg: Config, optimizer, guard, step: int) -> dict:
+def sft_step(policy, demos: Demonstrations, cfg: Config, optimizer, guard, step: int) -> dict:
     """One warm-start step: token-mean NLL of the expert's turns over the global batch."""
     rng = random.Random(step_seed(cfg.trainer.seed, "sft", step))
-    picked = [rng.randrange(len(trajectories)) for _ in range(cfg.sft.batch_size)]
-    mine = [trajectories[i] for i in shard_for_rank(picked)]
+    mine = [demos.trajectory(i, seed) for i, seed in shard_for_rank(demos.draw(rng, cfg.sft.batch_size))]
     global_tokens = max(1, int(all_reduce_sum(sum(sum(t.loss_mask[1:]) for t in mine))))
     groups = split_by_token_budget(mine, cfg.algorithm.micro_batch_tokens) if mine else []
     nll = torch.zeros((), dtype=torch.float64)
@@ -225,8 +224,8 @@ def run(cfg: Config, info) -> None:
     except KVBudgetError as err:
         raise SetupError(str(err)) from None
     context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k, cfg.rollout.context_mode)
-    expert = [trajectory_from_turns(side.tokenizer, e.prompt, [(t.model, t.information) for t in e.turns], context)
-              for e in side.expert_trajectories] if start < cfg.sft.steps else []
+    expert = Demonstrations(side.expert_trajectories, side.tokenizer, context, side.relabel,
+                            cfg.env.relabel_names) if start < cfg.sft.steps else None
     opts = rl_options(cfg, side.stop_token_ids, info.device)
 
     def reference() -> FusedPolicy:

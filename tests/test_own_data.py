@@ -1,6 +1,7 @@
 """A user's own model and data: chat-template prompts through rollout and training, turn stop
 tokens, demonstration files, and the task side built from what the config names."""
 import json
+import random
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from mempo.ops import linear_logprobs
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout, trajectory_from_turns
 from mempo.training.fused_policy import packed_hidden
 from mempo.training.packed_batch import pack_trajectories
-from mempo.training.task_side import SetupError, build_task_side
+from mempo.training.task_side import Demonstrations, SetupError, build_task_side
 
 
 def test_chat_prompt_rollout_equals_training_and_template_ids(tmp_path):
@@ -132,6 +133,7 @@ def test_task_side_from_files_uses_the_models_tokenizer_and_template(tmp_path):
     counts = [t.num_objectives for t in side.train_tasks]  # the file's tasks of env.train_objectives, in order
     assert counts == sorted(counts) and set(counts) == set(cfg.env.train_objectives) and counts.count(1) == 240
     assert len(side.expert_trajectories) == 240 and side.expert_trajectories[0].prompt.startswith("<|im_start|>user")
+    assert side.relabel is None  # your own demonstrations are never renamed
     plain = build_task_side(parse_args(_files(tmp_path) + ["--model.path", str(model_dir),
                                                            "--env.prompt_format", "plain"]))
     assert plain.prompt_format == "plain" and plain.expert_trajectories[0].prompt.startswith("Answer by searching")
@@ -176,3 +178,29 @@ def test_tasks_per_count_sizes_the_tiny_worlds_composed_tasks():
     counts = [t.num_objectives for t in side.train_tasks]
     assert [counts.count(n) for n in (1, 2, 3, 4)] == [240, 3, 3, 3]  # singles: every train question
     assert all(len(tasks) == 3 for n, tasks in side.eval_sets.items() if n > 1)  # under eval_tasks 64
+
+
+def test_warm_start_shows_a_fraction_of_the_demonstrations_relabeled():
+    side = build_task_side(parse_args(["--env.tasks_per_count", "16"]))
+    transcripts = side.expert_trajectories[-48:]  # 2- to 4-objective demonstrations
+    context = ContextPolicy("mempo")
+    plain = Demonstrations(transcripts, side.tokenizer, context)
+    mixed = Demonstrations(transcripts, side.tokenizer, context, side.relabel, 0.5)
+    rng = random.Random(5)
+    old_picks = [rng.randrange(48) for _ in range(400)]
+    assert plain.draw(random.Random(5), 400) == [(i, None) for i in old_picks]  # relabel 0: the draws of before
+    draws = mixed.draw(random.Random(5), 400)
+    assert [i for i, _ in draws] == old_picks and 160 < sum(s is not None for _, s in draws) < 240
+    assert all(s is not None for _, s in Demonstrations(transcripts, side.tokenizer, context, side.relabel,
+                                                        1.0).draw(random.Random(5), 20))
+    index, seed = next((i, s) for i, s in draws if s is not None)
+    relabeled = mixed.trajectory(index, seed)
+    expected = trajectory_from_turns(side.tokenizer, *_prompt_and_turns(side.relabel(transcripts[index],
+                                                                                     random.Random(seed))), context)
+    assert relabeled.token_ids == expected.token_ids != mixed.trajectory(index, None).token_ids
+    assert len(relabeled.segments) == len(mixed.trajectory(index, None).segments)
+    assert mixed.trajectory(index, seed).token_ids == relabeled.token_ids  # a seed is one world
+
+
+def _prompt_and_turns(transcript):
+    return transcript.prompt, [(t.model, t.information) for t in transcript.turns]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,8 +25,8 @@ from mempo.envs.prompts import build_prompt
 from mempo.envs.search_tool import Doc
 from mempo.envs.tasks import Task, compose_multi_objective
 from mempo.envs.tiny_world_expert import MEMORY_STYLES, UNKNOWN, MemoryStyle, expert_trajectories
-from mempo.envs.tiny_world_facts import Fact, WorldFacts, generate_facts
-from mempo.envs.transcript import Transcript
+from mempo.envs.tiny_world_facts import OCCUPATIONS, PRODUCTS, Fact, WorldFacts, generate_facts
+from mempo.envs.transcript import Transcript, Turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -160,6 +161,45 @@ class TinyWorld:
         omit = self.config.expert_omit if omit is None else omit
         return expert_trajectories(env or self.env(), tasks, [self.plan(t) for t in tasks], memory, omit,
                                    self.config.seed)
+
+    @cached_property
+    def name_kinds(self) -> tuple[tuple[str, ...], ...]:
+        """The world's names by kind: people, cities, countries, occupations, goods."""
+        return self.facts.people, self.facts.cities, self.facts.countries, OCCUPATIONS, PRODUCTS
+
+    @cached_property
+    def _name_pattern(self) -> re.Pattern:
+        names = sorted((n for kind in self.name_kinds for n in kind), key=len, reverse=True)
+        return re.compile(r"\b(?:" + "|".join(map(re.escape, names)) + r")\b")
+
+    def name_permutation(self, rng: random.Random) -> dict[str, str]:
+        """A random permutation of each kind of name, as one mapping."""
+        mapping: dict[str, str] = {}
+        for kind in self.name_kinds:
+            shuffled = list(kind)
+            rng.shuffle(shuffled)
+            mapping.update(zip(kind, shuffled))
+        return mapping
+
+    def rename(self, text: str, mapping: dict[str, str]) -> str:
+        """`text` with every whole-word name replaced through `mapping`."""
+        return self._name_pattern.sub(lambda m: mapping[m.group(0)], text)
+
+    def relabel(self, transcript: Transcript, rng: random.Random) -> Transcript:
+        """The transcript in a relabeled world: one `name_permutation(rng)` applied to every text
+        (task, prompt, queries, information, memories, answers), so the demonstration stays
+        consistent while the facts it shows change. Mixed into the warm start
+        (env.relabel_names), it makes a tiny model read and copy names instead of recalling the
+        facts it memorised (benchmarks/RESULTS.md)."""
+        mapping = self.name_permutation(rng)
+        task = transcript.task
+        task = dataclasses.replace(task, questions=tuple(self.rename(q, mapping) for q in task.questions),
+                                   answers=tuple(tuple(self.rename(a, mapping) for a in accepted)
+                                                 for accepted in task.answers))
+        return Transcript(task, self.rename(transcript.prompt, mapping),
+                          tuple(Turn(self.rename(t.model, mapping),
+                                     None if t.information is None else self.rename(t.information, mapping))
+                                for t in transcript.turns))
 
     def prompt(self, task: Task) -> str:
         return build_prompt(task, self.config.env.tags, self.config.env.numbered_questions)

@@ -127,8 +127,10 @@ def plan_lines(cfg: Config, ranks: int) -> list[tuple[str, str]]:
     train = ", ".join(f"{n} obj: {c}" for n, c in sorted(counts.items()))
     evals = ", ".join(f"{n} obj: {len(ts)}" for n, ts in side.eval_sets.items())
     lines.append(("tasks", f"train {train}; eval {evals} ({side.source})"))
+    relabeled = f"; {cfg.env.relabel_names:.0%} shown relabeled (env.relabel_names)" \
+        if side.relabel is not None and cfg.env.relabel_names else ""
     sft = (f"{cfg.sft.steps} steps on {len(side.expert_trajectories)} demonstrations "
-           f"({cfg.sft.data_path or 'tiny world experts'})") if cfg.sft.steps else "none (sft.steps 0)"
+           f"({cfg.sft.data_path or 'tiny world experts'}{relabeled})") if cfg.sft.steps else "none (sft.steps 0)"
     lines.append(("warm start", sft))
     lines.append(("search", live_query(side, cfg)))
     per_rank_tasks = math.ceil(cfg.rollout.batch_size / ranks)

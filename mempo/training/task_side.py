@@ -9,14 +9,17 @@ Sources, and nothing else (`Config.validate` rejects the combinations that canno
 - search: `env.search=http` -> `HttpSearch(env.search_url)`; `bm25` -> an in-process index
   over `env.corpus_path`, or over the tiny world's corpus;
 - prompt: the tokenizer's chat template when `env.prompt_format` resolves to chat;
-- demonstrations: `sft.data_path`, else the tiny world's experts (only when sft.steps > 0).
+- demonstrations: `sft.data_path`, else the tiny world's experts (only when sft.steps > 0);
+  on the tiny world, `Demonstrations` shows a fraction of them relabeled (`env.relabel_names`).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mempo.config import Config
@@ -38,6 +41,41 @@ class TaskSide:
     stop_token_ids: tuple[int, ...]  # end a turn besides the action tags (EOS, end of turn)
     prompt_format: str  # "chat" or "plain", as resolved
     source: str  # where tasks and search come from, in words
+    relabel: Callable | None = None  # tiny world: (transcript, rng) -> the transcript in a relabeled world
+
+
+class Demonstrations:
+    """The warm start's demonstrations as token trajectories, each tokenized once. With
+    `relabel` and fraction > 0, each pick is shown in a relabeled world with that probability
+    (tokenized afresh: ~3 ms). `draw` makes every random choice for the global batch before it is
+    sharded, so the batch does not depend on the number of ranks; with fraction 0 it draws exactly
+    the picks it drew before relabeling existed."""
+
+    def __init__(self, transcripts: list, tokenizer, context, relabel: Callable | None = None,
+                 fraction: float = 0.0):
+        from mempo.rollout import trajectory_from_turns
+
+        self._tokenize = lambda t: trajectory_from_turns(tokenizer, t.prompt, [(x.model, x.information)
+                                                                              for x in t.turns], context)
+        self.transcripts = transcripts
+        self.trajectories = [self._tokenize(t) for t in transcripts]
+        self.relabel = relabel
+        self.fraction = fraction if relabel is not None else 0.0
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    def draw(self, rng: random.Random, batch_size: int) -> list[tuple[int, int | None]]:
+        """batch_size picks (index, relabel seed or None)."""
+        picks = [rng.randrange(len(self.trajectories)) for _ in range(batch_size)]
+        if not self.fraction:
+            return [(i, None) for i in picks]
+        return [(i, rng.getrandbits(64) if rng.random() < self.fraction else None) for i in picks]
+
+    def trajectory(self, index: int, seed: int | None):
+        if seed is None:
+            return self.trajectories[index]
+        return self._tokenize(self.relabel(self.transcripts[index], random.Random(seed)))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -175,7 +213,7 @@ def build_task_side(cfg: Config) -> TaskSide:
             raise SetupError(f"rollout.max_turns={cfg.rollout.max_turns} is too small for the tiny world's "
                              f"warm-start demonstrations ({err}); raise it or lower env.train_objectives") from None
     return TaskSide(tokenizer, env, train_tasks, eval_sets, experts, model_stop_token_ids(cfg.model.path, tokenizer),
-                    "plain" if template is None else "chat", source)
+                    "plain" if template is None else "chat", source, None if world is None else world.relabel)
 
 
 def live_query(side: TaskSide, cfg: Config) -> str:
