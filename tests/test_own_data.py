@@ -204,3 +204,34 @@ def test_warm_start_shows_a_fraction_of_the_demonstrations_relabeled():
 
 def _prompt_and_turns(transcript):
     return transcript.prompt, [(t.model, t.information) for t in transcript.turns]
+
+
+def test_a_model_directorys_tokenizer_encodes_as_it_was_saved(tmp_path):
+    """transformers 5's AutoTokenizer gives every qwen2 directory Qwen2Tokenizer's splitting,
+    whatever tokenizer.json says; the tiny world's tokenizer (as in an exported runs/<name>/hf/)
+    splits differently, so load_model_tokenizer falls back to tokenizer.json as written. A
+    directory whose tokenizer.json already has Qwen's splitting keeps AutoTokenizer's class."""
+    from transformers import AutoTokenizer
+
+    from mempo.envs import build_tiny_world
+    from mempo.envs.tokenizer import add_chat_template
+    from mempo.training.task_side import load_model_tokenizer, matches_saved_pipeline
+
+    world = build_tiny_world(seed=0)
+    model_dir = save_chat_model(tmp_path / "model")
+    task = world.tasks("heldout", 4)[0]
+    expert = world.expert_trajectories([task])[0]
+    text = expert.prompt + "".join(t.model + (t.information or "") for t in expert.turns)
+    trained_with = add_chat_template(world.tokenizer())(text)["input_ids"]
+
+    auto = AutoTokenizer.from_pretrained(model_dir)
+    assert not matches_saved_pipeline(auto, str(model_dir)) and auto(text)["input_ids"] != trained_with
+    loaded = load_model_tokenizer(str(model_dir))
+    assert loaded(text)["input_ids"] == trained_with and len(loaded) == len(auto)
+    assert loaded.chat_template == auto.chat_template and loaded.eos_token == auto.eos_token
+
+    qwen_like = tmp_path / "qwen_like"  # tokenizer.json written by Qwen2Tokenizer, next to the same config
+    auto.save_pretrained(qwen_like)
+    (qwen_like / "config.json").write_text((model_dir / "config.json").read_text())
+    kept = load_model_tokenizer(str(qwen_like))
+    assert type(kept) is type(auto) and kept(text)["input_ids"] == auto(text)["input_ids"]

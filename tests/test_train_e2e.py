@@ -62,6 +62,12 @@ def test_torchrun_train_resume_and_export(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "full" / "hf")
     assert model.config.vocab_size == len(tokenizer)
+    # the export as --model.path is evaluated exactly as the run evaluated it (same ids: the
+    # tiny world's tokenizer.json as written, not the Qwen2Tokenizer AutoTokenizer makes of it)
+    final = evals[-1]
+    again = _torchrun(tmp_path, "from_export", "--model.path", str(tmp_path / "full" / "hf"),
+                      "--sft.steps", "0", "--trainer.steps", "0")
+    assert {k: v for k, v in again[-1].items() if "/" in k} == {k: v for k, v in final.items() if "/" in k}
 
     # re-running the finished run says so and changes nothing
     metrics = (tmp_path / "full" / "metrics.jsonl").read_text()

@@ -3,7 +3,9 @@
 Byte-level, so any string (model garbage, unicode) encodes without unknown tokens. The agent
 tags are added tokens (one id each, kept when decoding) so a tiny model sees each tag as one
 symbol and a rollout can stop on its id. Training on the same texts gives the same vocab.
-Saved as a `PreTrainedTokenizerFast` directory: `AutoTokenizer.from_pretrained(dir)` loads it.
+Saved as a `PreTrainedTokenizerFast` directory: `PreTrainedTokenizerFast.from_pretrained(dir)` loads
+it (so does `AutoTokenizer` while the directory has no qwen2 `config.json`: next to one, transformers 5
+rebuilds it as Qwen2Tokenizer with Qwen's splitting; `mempo.training.task_side.load_model_tokenizer`).
 
 Every word is tokenized with a leading space, also right after a tag or a line break, so a name
 is one id wherever it appears: in a question (" of Noudris"), at the start of a query

@@ -82,16 +82,40 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def load_model_tokenizer(path: str):
-    """The tokenizer saved with the model at `path`, or SetupError naming the directory."""
+    """The tokenizer saved with the model at `path`: AutoTokenizer's, unless it splits text
+    differently from the saved tokenizer.json (`matches_saved_pipeline`), then tokenizer.json as
+    written. SetupError naming the directory when there is none or it does not load."""
     if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
         raise SetupError(f"model.path {path!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
                          f"save the tokenizer next to the model (tokenizer.save_pretrained)")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if not matches_saved_pipeline(tokenizer, path):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     except Exception as err:  # tokenizers, sentencepiece and transformers raise their own types
         raise SetupError(f"cannot load the tokenizer at model.path {path!r}: {err}") from None
+    return tokenizer
+
+
+TEXT_PIPELINE = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+
+
+def matches_saved_pipeline(tokenizer, path: str) -> bool:
+    """Whether `tokenizer` splits and normalises text as the `tokenizer.json` saved at `path`
+    does (True when there is none, or for a slow tokenizer). transformers 5's AutoTokenizer
+    rebuilds some model types' pipelines in Python (every qwen2 directory gets Qwen2Tokenizer's
+    regex, whatever tokenizer.json says), so a tokenizer trained with other rules, such as the
+    tiny world's in an exported `runs/<name>/hf/`, would silently encode text differently from
+    the run that trained the model."""
+    saved = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(saved) or not hasattr(tokenizer, "backend_tokenizer"):
+        return True
+    with open(saved, encoding="utf-8") as f:
+        written = json.load(f)
+    loaded = json.loads(tokenizer.backend_tokenizer.to_str())
+    return all(written.get(k) == loaded.get(k) for k in TEXT_PIPELINE)
 
 
 def model_stop_token_ids(path: str | None, tokenizer) -> tuple[int, ...]:
