@@ -81,6 +81,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def step_of(checkpoint: str | os.PathLike) -> int | None:
+    """The step of a `step_XXXXXX` checkpoint directory; None for another name."""
+    match = STEP_DIR.match(Path(checkpoint).name)
+    return int(match.group(1)) if match else None
+
+
 MANIFEST_FILE = "manifest.json"
 
 

@@ -27,6 +27,7 @@ from mempo.checkpoint import (
     retire_checkpoints,
     save_checkpoint,
     step_dir_name,
+    step_of,
 )
 from mempo.config import Config
 from mempo.distributed import (
@@ -194,6 +195,10 @@ def run(cfg: Config, info) -> None:
     start = 0
     total = cfg.sft.steps + cfg.trainer.steps
     resume = resolve_resume(out_dir, cfg.trainer.resume)
+    if resume is not None and (step_of(resume) or 0) > total:
+        raise SetupError(f"checkpoint {resume} is step {step_of(resume)}, past this run's last step {total} "
+                         f"(sft.steps {cfg.sft.steps} + trainer.steps {cfg.trainer.steps}): raise trainer.steps to "
+                         f"continue it, or start another run with --trainer.name")
     if resume is not None and finished(resume, total, cfg):
         if info.is_rank0:
             print(f"[mempo] run {out_dir} already finished: checkpoint {resume.name} is step {total} of {total}"

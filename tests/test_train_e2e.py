@@ -98,3 +98,9 @@ def test_torchrun_train_resume_and_export(tmp_path):
     assert set(_by_step(fresh, "rl")) == {3} and set(_by_step(fresh, "sft")) == {1, 2}
     _torchrun(tmp_path, "full", "--trainer.steps", "1")
     assert "already finished: checkpoint step_000003 is step 3 of 3" in _torchrun.stdout
+    # fewer steps than the newest checkpoint: one line, nothing resumed, evaluated or exported
+    exported = (tmp_path / "full" / "hf" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(AssertionError, match=r"step_000003 is step 3, past this run's last step 2 "
+                                             r"\(sft.steps 2 \+ trainer.steps 0\)"):
+        _torchrun(tmp_path, "full", "--trainer.steps", "0")
+    assert (tmp_path / "full" / "hf" / "model.safetensors").stat().st_mtime_ns == exported
