@@ -87,6 +87,13 @@ def step_of(checkpoint: str | os.PathLike) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every `step_XXXXXX` directory under root, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((step, p) for p in root.iterdir() if (step := step_of(p)) is not None and p.is_dir())
+
+
 MANIFEST_FILE = "manifest.json"
 
 
@@ -170,9 +177,8 @@ def find_latest(run_dir: str | os.PathLike) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if STEP_DIR.match(candidate.name) and _is_complete(candidate):
             return candidate
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir()
-                   if (m := STEP_DIR.match(p.name)) and p.is_dir() and _is_complete(p))
-    return steps[-1][1] if steps else None
+    steps = [p for _, p in _step_dirs(root) if _is_complete(p)]
+    return steps[-1] if steps else None
 
 
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
@@ -189,9 +195,7 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
             raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {problem}")
         return path
     root = checkpoint_root(run_dir)
-    candidates = sorted(((int(m.group(1)), p) for p in root.iterdir()
-                         if (m := STEP_DIR.match(p.name)) and p.is_dir() and _is_complete(p)),
-                        reverse=True) if root.is_dir() else []
+    candidates = [(step, p) for step, p in reversed(_step_dirs(root)) if _is_complete(p)]
     damaged = []
     for _, path in candidates:
         problem = verify_checkpoint(path)
@@ -324,8 +328,7 @@ def _maybe_crash_for_test(step: int, rank: int) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
-    for _, path in steps[:-keep_last]:
+    for _, path in _step_dirs(root)[:-keep_last]:
         shutil.rmtree(path, ignore_errors=True)
 
 
