@@ -135,6 +135,29 @@ def shard_for_rank(items: Sequence[T], rank: int | None = None, world_size: int 
     return list(items[start:start + base + (rank < extra)])
 
 
+def balanced_shard(items: Sequence[T], sizes: Sequence[int], rank: int | None = None,
+                   world_size: int | None = None) -> list[T]:
+    """This rank's share of `items`, balanced by `sizes` (e.g. tokens per trajectory): largest
+    first, each to the rank with the least so far (ties: the lower rank), then in their order in
+    `items`. Every rank computes the same partition from the same inputs, so the ranks' shares
+    are disjoint and cover `items`; the slowest rank, which every collective waits for, gets
+    at most the mean plus one item's size."""
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if len(sizes) != len(items):
+        raise ValueError(f"sizes must match items, got {len(sizes)} for {len(items)}")
+    loads = [0] * world_size
+    mine = []
+    for i in sorted(range(len(items)), key=lambda i: -sizes[i]):  # stable: equal sizes keep their order
+        owner = loads.index(min(loads))
+        loads[owner] += sizes[i]
+        if owner == rank:
+            mine.append(i)
+    return [items[i] for i in sorted(mine)]
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer blocks of a Hugging Face decoder (or of a module wrapping one):
     the first ModuleList attribute named `layers`."""

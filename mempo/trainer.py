@@ -34,6 +34,7 @@ from mempo.distributed import (
     all_reduce_max,
     all_reduce_sum,
     all_reduce_sums,
+    balanced_shard,
     barrier,
     clip_grad_norm,
     compute_dtype,
@@ -73,7 +74,8 @@ def learning_rate(cfg: Config, step: int) -> float:
 def sft_step(policy, demos: Demonstrations, cfg: Config, optimizer, guard, step: int) -> dict:
     """One warm-start step: token-mean NLL of the expert's turns over the global batch."""
     rng = random.Random(step_seed(cfg.trainer.seed, "sft", step))
-    mine = [demos.trajectory(i, seed) for i, seed in shard_for_rank(demos.draw(rng, cfg.sft.batch_size))]
+    batch = [demos.trajectory(i, seed) for i, seed in demos.draw(rng, cfg.sft.batch_size)]  # global, every rank
+    mine = balanced_shard(batch, [len(t) for t in batch])  # by tokens: the slowest rank sets the pace
     global_tokens = max(1, int(all_reduce_sum(sum(sum(t.loss_mask[1:]) for t in mine))))
     groups = split_by_token_budget(mine, cfg.algorithm.micro_batch_tokens) if mine else []
     nll = torch.zeros((), dtype=torch.float64)

@@ -1,10 +1,12 @@
 """mempo.distributed in one process: sharding helpers and activation checkpointing (the
 two-rank FSDP2 runs are in test_checkpoint.py)."""
+import random
+
 import pytest
 import torch
 from model_dirs import TINY_MODEL
 
-from mempo.distributed import shard_for_rank, shard_model
+from mempo.distributed import balanced_shard, shard_for_rank, shard_model
 from mempo.models.builder import build_model
 
 
@@ -28,6 +30,29 @@ def test_shard_for_rank_partitions():
     assert shard_for_rank(items[:1], 1, 2) == []
     with pytest.raises(ValueError, match="rank"):
         shard_for_rank(items, 2, 2)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_balanced_shard_partitions_by_size(world):
+    """Fresh ragged sizes: the ranks' shares are disjoint, cover the items, keep their order,
+    and the heaviest share is within one item of the mean (what contiguous shards miss)."""
+    rng = random.Random(world)
+    for _ in range(50):
+        sizes = [rng.randint(1, 500) for _ in range(rng.randint(0, 20))]
+        items = [f"t{i}" for i in range(len(sizes))]
+        shards = [balanced_shard(items, sizes, r, world) for r in range(world)]
+        assert sorted(sum(shards, [])) == sorted(items)
+        assert all(s == sorted(s, key=items.index) for s in shards)
+        loads = [sum(sizes[items.index(x)] for x in s) for s in shards]
+        assert max(loads) <= sum(sizes) / world + max(sizes, default=0)
+    # a long item first, then short ones: contiguous halves give [500+1+1, 1+1+1], balanced [500, 1*5]
+    sizes = [500, 1, 1, 1, 1, 1]
+    assert balanced_shard(list(range(6)), sizes, 0, 2) == [0]
+    assert balanced_shard(list(range(6)), sizes, 1, 2) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="rank"):
+        balanced_shard([1], [1], 2, 2)
+    with pytest.raises(ValueError, match="sizes must match"):
+        balanced_shard([1, 2], [1], 0, 2)
 
 
 def test_all_reduce_sums_takes_numbers_and_device_tensors_in_one_call(monkeypatch):
