@@ -3,7 +3,7 @@ the trainer does) vs in contiguous halves (`shard_for_rank`, what it did before)
 in one run, so both see the same load. A step waits for its slowest rank; the table gives the
 mean step time and that rank's tokens.
 
-    torchrun --nproc_per_node 2 benchmarks/warm_start.py                   # the default's warm start, 80 steps (1-2.5 min)
+    torchrun --nproc_per_node 2 benchmarks/warm_start.py      # the default run's warm start, 80 steps, 1-2.5 min
     torchrun --nproc_per_node 2 benchmarks/warm_start.py --steps 100 --env.relabel_names 0
 
 Any `mempo.train` option after the benchmark's own (`--steps`, `--json`) changes the run; the
