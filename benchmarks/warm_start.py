@@ -27,19 +27,12 @@ from mempo.distributed import (
     all_reduce_max,
     balanced_shard,
     barrier,
-    compute_dtype,
     destroy_distributed,
     init_distributed,
     shard_for_rank,
-    shard_model,
 )
-from mempo.models.builder import build_model
-from mempo.optim import build_optimizer
 from mempo.rollout import ContextPolicy
 from mempo.step_guard import NonFiniteStepGuard
-from mempo.training.fused_policy import FusedPolicy
-from mempo.training.inference_mode import initialise_root
-from mempo.training.packed_batch import FILLER
 from mempo.training.task_side import Demonstrations, build_task_side
 
 WAYS = {"by tokens (balanced_shard)": balanced_shard,
@@ -55,12 +48,7 @@ def main() -> None:
     info = init_distributed(cfg.trainer.device)
     torch.manual_seed(cfg.trainer.seed)
     side = build_task_side(cfg)
-    model = build_model(cfg.model, tokenizer=side.tokenizer, seed=cfg.trainer.seed).to(info.device)
-    policy = FusedPolicy(model, attention="segment")
-    shard_model(policy, param_dtype=compute_dtype(cfg.model.dtype, info.device))
-    optimizer = build_optimizer(policy, cfg.optimizer, lr=1.0)  # the trainer's schedule gives absolute LRs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: trainer.learning_rate(cfg, s))
-    initialise_root(policy, FILLER)
+    _, policy, optimizer, scheduler = trainer.build_policy(cfg, side, info)  # as the run builds them
     context = ContextPolicy(cfg.rollout.context_policy, cfg.rollout.context_k, cfg.rollout.context_mode)
     demos = Demonstrations(side.expert_trajectories, side.tokenizer, context, side.relabel, cfg.env.relabel_names)
     guard = NonFiniteStepGuard(cfg.trainer.max_bad_steps)

@@ -177,12 +177,8 @@ def finished(checkpoint, total: int, cfg: Config) -> bool:
     return done and (not cfg.trainer.export_hf or (Path(cfg.trainer.output_dir) / "hf" / "config.json").is_file())
 
 
-def run(cfg: Config, info) -> None:
-    out_dir = cfg.trainer.output_dir
-    torch.manual_seed(cfg.trainer.seed)
-    random.seed(cfg.trainer.seed)
-    side = build_task_side(cfg)
-    searched = live_query(side, cfg)  # every rank: an unreachable server stops all of them at once
+def build_policy(cfg: Config, side, info):
+    """The model, its sharded `FusedPolicy`, AdamW and the LR schedule (warm start, then RL)."""
     model = build_model(cfg.model, tokenizer=side.tokenizer, seed=cfg.trainer.seed).to(info.device)
     if len(side.tokenizer) > model.config.vocab_size:
         raise SetupError(f"the tokenizer has {len(side.tokenizer)} tokens, more than the model's vocab_size "
@@ -193,6 +189,16 @@ def run(cfg: Config, info) -> None:
     optimizer = build_optimizer(policy, cfg.optimizer, lr=1.0)  # the schedule gives absolute LRs
     initialise_root(policy, FILLER)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate(cfg, s))
+    return model, policy, optimizer, scheduler
+
+
+def run(cfg: Config, info) -> None:
+    out_dir = cfg.trainer.output_dir
+    torch.manual_seed(cfg.trainer.seed)
+    random.seed(cfg.trainer.seed)
+    side = build_task_side(cfg)
+    searched = live_query(side, cfg)  # every rank: an unreachable server stops all of them at once
+    model, policy, optimizer, scheduler = build_policy(cfg, side, info)
     guard = NonFiniteStepGuard(cfg.trainer.max_bad_steps)
     start = 0
     total = cfg.sft.steps + cfg.trainer.steps
