@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mempo.host import describe_device
 from mempo.ops.segment_attention import GPU_BLOCKS, segment_attention, sequence_masks
 from mempo.ops.segment_blocks import layout_blocks
 from mempo.ops.segment_layout import Segment, SegmentLayout
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
     L = layout.num_tokens
     visible, causal = visible_pairs(layout)
     density = visible / causal
-    device_name = torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    device_name = describe_device(a.device) + ("" if cuda else f" ({torch.get_num_threads()} threads)")
     print(f"device={device_name} torch {torch.__version__} tokens={L} trajectories={len(trajs)} "
           f"heads={hq}/{hkv} dim={dim} dtype={str(dtype).removeprefix('torch.')}")
     print(f"mask density {density:.3f} (tiles {blocks.density:.3f} at {GPU_BLOCKS[0]}x{GPU_BLOCKS[1]}); "

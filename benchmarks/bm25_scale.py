@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from mempo.envs.bm25_search import BM25Search, tokenize_for_bm25
+from mempo.host import describe_device
 
 
 def rss_gib() -> float:
@@ -126,7 +126,7 @@ def main() -> None:
     rows.append(("baseline: bm25s.BM25.retrieve (200)", library_s,
                  f"{len(few) / library_s:,.0f} queries/s"))
 
-    print(f"\nbm25 scale | {platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
+    print(f"\nbm25 scale | {describe_device()} | "
           f"{args.num_passages:,} passages x {args.words} words, vocab {args.vocab_size:,}, "
           f"top_k {args.top_k}")
     print(f"{'step':<40}{'seconds':>10}  notes")

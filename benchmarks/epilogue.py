@@ -19,6 +19,7 @@ import time
 import torch
 
 from mempo._native import native_error, native_ops
+from mempo.host import describe_device
 from mempo.ops import epilogue
 
 
@@ -80,7 +81,7 @@ def main() -> None:
 
     results = {key: median_seconds(fn, setup, args.warmup, args.repeats) for key, (fn, setup) in cases.items()}
     gbytes = c * v * 4 / 1e9
-    print(f"device: cpu ({torch.get_num_threads()} threads) | torch {torch.__version__} | "
+    print(f"device: {describe_device()} ({torch.get_num_threads()} threads) | torch {torch.__version__} | "
           f"C={c} V={v} float32 | T={args.temperature} | median of {args.repeats}")
     print(f"{'op':<26}{'torch ms':>10}{'c++ ms':>10}{'speedup':>9}{'c++ GB/s':>10}")
     rows = []

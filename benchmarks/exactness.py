@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 
 import torch
 
 from mempo.envs import build_tiny_world
+from mempo.host import describe_device
 from mempo.ops import linear_logprobs
 from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout
 from mempo.training.fused_policy import packed_hidden
@@ -67,7 +67,7 @@ def main() -> None:
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     base = Qwen2ForCausalLM(cfg).eval()
-    print(f"rollout vs training log-probs | {datetime.date.today()} | {platform.machine()} {args.device} | "
+    print(f"rollout vs training log-probs | {datetime.date.today()} | {describe_device(args.device)} | "
           f"torch {torch.__version__} | OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     print(f"{args.tasks} tasks x {args.objectives} objectives, expert turns forced, context policy mempo, "
           f"random Qwen2 (hidden 256, 4 layers)")

@@ -195,7 +195,8 @@ if torch.cuda.is_available():
     info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
                 device_count=torch.cuda.device_count())
 else:
-    info["device"] = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    from mempo.host import cpu_description
+    info["device"] = f"CPU ({cpu_description()})"
 if shutil.which("nvidia-smi"):
     q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit", "--format=csv,noheader"],
                        capture_output=True, text=True)

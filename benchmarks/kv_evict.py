@@ -22,6 +22,7 @@ import time
 import torch
 
 from mempo._native import native_error, native_ops
+from mempo.host import describe_device
 from mempo.ops.kv_evict import _evict_torch as evict_gather  # the fallback: index gather + copy back
 from mempo.ops.kv_evict import evict_segments
 
@@ -89,7 +90,7 @@ def main() -> None:
         rows.append({"method": name, "time_s": sec, "gb_per_s": gbs,
                      "peak_fraction": gbs / args.peak_gbs if args.device == "cuda" else None})
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device = describe_device(args.device) + ("" if args.device == "cuda" else f" ({torch.get_num_threads()} threads)")
     print(f"device: {device} | torch {torch.__version__} | cache [planes={shape[0]}, B={shape[1]}, "
           f"H_kv={shape[2]}, T={shape[3]}, D={shape[4]}] {args.dtype} = "
           f"{cache.numel() * cache.element_size() / 2**30:.2f} GiB | keep 1/2, move 7/16 | median of {args.repeats}")

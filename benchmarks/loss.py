@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from mempo.host_memory import step_peak_bytes
+from mempo.host import describe_device, step_peak_bytes
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 METHODS = ("naive", "naive-ref", "liger", "liger-eager", "mempo")
@@ -252,8 +252,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    cuda = args.device == "cuda"
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    device_name = describe_device(args.device)
     threads = f"torch threads {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
     flops = 6.0 * args.n * args.hidden * args.vocab
     print(f"device: {device_name} | torch {torch.__version__} | {threads}")

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import os
 import platform
 import re
 import subprocess
@@ -32,6 +31,7 @@ import numpy as np
 from mempo.envs import BM25Search, HttpSearch, build_tiny_world
 from mempo.envs.retrieval_server import DEFAULT_MAX_CONCURRENCY
 from mempo.envs.search_tool import title_text_to_contents
+from mempo.host import describe_device
 
 
 def serve_stdlib(corpus: str) -> None:
@@ -160,8 +160,8 @@ def main() -> None:
     workdir.cleanup()
 
     versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("uvicorn", "starlette"))
-    print(f"\nretrieval server | {datetime.date.today()} | {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}, {versions}")
+    print(f"\nretrieval server | {datetime.date.today()} | {describe_device()}, "
+          f"Python {platform.python_version()}, {versions}")
     print(f"{len(tool)} passages, {n} quer{'y' if n == 1 else 'ies'}/request, topk {args.topk}; "
           f"client threads in one process, HttpSearch (one connection per request), loopback")
     print(f"{'server':<40}{'clients':>8}{'requests':>9}{'errors':>7}{'req/s':>8}"

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -86,6 +85,7 @@ def _model(args, vocab_size):
 def main():
     args = _parse()
     from mempo.envs import EnvConfig, build_tiny_world, tiny_world_tokenizer
+    from mempo.host import describe_device
     from mempo.rollout import ContextPolicy, NativeEngine, SamplingParams, run_rollout
 
     # up to two hops per objective plus the answer turn; the tokenizer is trained on expert
@@ -100,7 +100,7 @@ def main():
     if not args.sample:
         forced = [[t.model for t in e.turns] for e in world.expert_trajectories(tasks)]
     model = _model(args, len(tok))
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    device = describe_device(args.device)
     threads = f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else ""
     print(f"device: {device}{threads} | torch {torch.__version__} | {len(tasks)} tasks x {args.objectives} "
           f"objectives | "

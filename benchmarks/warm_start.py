@@ -31,6 +31,7 @@ from mempo.distributed import (
     init_distributed,
     shard_for_rank,
 )
+from mempo.host import describe_device
 from mempo.rollout import ContextPolicy
 from mempo.step_guard import NonFiniteStepGuard
 from mempo.training.task_side import Demonstrations, build_task_side
@@ -77,7 +78,8 @@ def main() -> None:
         rows = [{"sharding": name, "steps": len(seconds[name]), "s_per_step": statistics.mean(seconds[name]),
                  "median_s": statistics.median(seconds[name]), "slowest_rank_tokens": statistics.mean(slowest[name]),
                  "vs_contiguous": statistics.mean(seconds[name]) / base} for name in names]
-        print(f"warm-start steps, {info.world_size} ranks on {info.device}, torch {torch.__version__}, "
+        device = describe_device(str(info.device))
+        print(f"warm-start steps, {info.world_size} ranks on {device}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} thread(s) per rank, batch {cfg.sft.batch_size} demonstrations, "
               f"relabel_names {cfg.env.relabel_names}")
         print("| sharding | steps | s / step (mean) | median | slowest rank's tokens | time vs contiguous |")
@@ -87,7 +89,8 @@ def main() -> None:
                   f"{r['slowest_rank_tokens']:.0f} | {r['vs_contiguous']:.3f} |")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+                json.dump({"device": device, "torch": torch.__version__, "ranks": info.world_size,
+                           "threads_per_rank": torch.get_num_threads(), "rows": rows}, f, indent=1)
     destroy_distributed()
 
 

@@ -41,6 +41,7 @@ from mempo.distributed import (
     shard_for_rank,
     shard_model,
 )
+from mempo.host import describe_device
 from mempo.models.builder import build_model
 from mempo.ops import PolicyLossOptions
 from mempo.optim import build_optimizer, lr_multiplier
@@ -224,6 +225,8 @@ def run(cfg: Config, info) -> None:
                   if retired else "") + "config:\n" + cfg.to_yaml())
     log.notice(f"tasks: {side.source}; tokenizer: {cfg.model.path or 'tiny world BPE'} "
                f"({len(side.tokenizer)} tokens, {side.prompt_format} prompt); search: {searched}")
+    log.notice(f"device: {describe_device(str(info.device))}; {info.world_size} rank(s), "
+               f"{torch.get_num_threads()} torch thread(s) per rank")
 
     def save(step: int) -> None:
         save_checkpoint(out_dir, step, policy, optimizer, scheduler, data_state={"step": step},

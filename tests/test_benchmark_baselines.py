@@ -81,3 +81,31 @@ def test_causal_varlen_is_causal_within_each_sequence(seed, hq, hkv):
     want = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                           enable_gqa=hq != hkv).transpose(0, 1)
     torch.testing.assert_close(fn(q, k, v), want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_warm_start_benchmark_runs_as_documented(tmp_path):
+    """`torchrun --nproc_per_node 2 benchmarks/warm_start.py` (README's benchmarks table) at a small
+    model: both shardings timed on the same batches, the device named, the JSON written."""
+    import json
+    import subprocess
+    import sys
+
+    from small_runs import SMALL, free_port
+
+    from mempo.host import cpu_description
+
+    out = tmp_path / "warm_start.json"
+    i = SMALL.index("--sft.steps")
+    small = SMALL[:i] + SMALL[i + 2:]  # the benchmark counts its own steps
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(BENCHMARKS, "warm_start.py"), "--steps", "8", "--json", str(out), *small,
+           "--trainer.run_dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == cpu_description() and report["ranks"] == 2
+    assert f"2 ranks on {cpu_description()}" in proc.stdout
+    rows = {r["sharding"]: r for r in report["rows"]}
+    assert len(rows) == 2 and all(r["steps"] == 2 and r["s_per_step"] > 0 for r in rows.values())
+    assert all(r["slowest_rank_tokens"] > 0 for r in rows.values())

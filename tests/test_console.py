@@ -2,10 +2,11 @@
 the choices, the final evaluation as a table, a progress ETA over both phases."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from small_runs import free_port
 
 from mempo.config import LoggingConfig
 from mempo.run_log import RunLogger
@@ -22,11 +23,8 @@ def test_config_mistake_is_one_line_without_importing_torch():
 
 
 def test_config_mistake_prints_once_under_torchrun():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), "-m", "mempo.train", "--optimizer.lr", "-1"],
+                           str(free_port()), "-m", "mempo.train", "--optimizer.lr", "-1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert (proc.stdout + proc.stderr).count("mempo.train: optimizer.lr must be > 0, got -1.0") == 1

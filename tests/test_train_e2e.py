@@ -3,28 +3,18 @@ checkpoint and metrics, resumes to the same next step, exports a loadable HF mod
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from small_runs import SMALL, free_port
 
-SMALL = ["--model.hidden_size", "64", "--model.intermediate_size", "128", "--model.num_layers", "2",
-         "--sft.batch_size", "4", "--sft.steps", "2", "--rollout.batch_size", "2", "--rollout.group_size", "2",
-         "--rollout.max_new_tokens", "32", "--env.eval_tasks", "2", "--env.eval_objectives", "1,2",
-         "--trainer.save_every", "1", "--logging.progress_bar", "false", "--optimizer.lr", "1e-3"]
 COMPARED = ("reward/mean", "loss", "grad_norm", "memory_reward/mean", "TT", "PT", "kl", "clip_fraction")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(run_dir, name, *extra, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "mempo.train", *SMALL, "--trainer.run_dir", str(run_dir),
+           str(free_port()), "-m", "mempo.train", *SMALL, "--trainer.run_dir", str(run_dir),
            "--trainer.name", name, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -41,6 +31,9 @@ def _by_step(records, phase):
 def test_torchrun_train_resume_and_export(tmp_path):
     full = _torchrun(tmp_path, "full", "--trainer.steps", "2")
     assert "held-out evaluation at step 4 (greedy)" in _torchrun.stdout  # the final table
+    from mempo.host import cpu_description
+
+    assert f"device: {cpu_description()}; 2 rank(s), 1 torch thread(s) per rank" in _torchrun.stdout
     rl = _by_step(full, "rl")
     assert set(rl) == {3, 4}
     for record in full:

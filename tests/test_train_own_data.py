@@ -3,7 +3,6 @@ JSONL task and demonstration files, a retrieval server in its own process on a l
 `torchrun --nproc_per_node 2 -m mempo.train`: warm start, RL steps, evaluation, export."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,12 +10,7 @@ import urllib.request
 
 import pytest
 from model_dirs import END_OF_TURN, save_chat_model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from small_runs import free_port
 
 
 def _stats(url: str) -> dict:
@@ -30,7 +24,7 @@ def retrieval_server(tmp_path):
     data = tmp_path / "data"
     subprocess.run([sys.executable, "-m", "mempo.envs.export_tiny_world", "--out", str(data), "--objectives", "1"],
                    check=True, capture_output=True, timeout=120)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mempo.envs.retrieval_server",
                              "--corpus", str(data / "corpus.jsonl"),
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -47,7 +41,7 @@ def retrieval_server(tmp_path):
 def test_own_model_tasks_demos_and_http_retriever(tmp_path, retrieval_server):
     url, data = retrieval_server
     model_dir = save_chat_model(tmp_path / "my-instruct-model")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "mempo.train", "--model.path", str(model_dir), "--env.search", "http", "--env.search_url", url,
            "--env.train_tasks_path", str(data / "train.jsonl"), "--env.eval_tasks_path", str(data / "heldout.jsonl"),
            "--env.train_objectives", "1", "--env.eval_objectives", "1,2", "--env.eval_tasks", "4",

@@ -33,7 +33,7 @@ import time
 import torch
 from trl import GRPOTrainer
 
-from mempo.host_memory import step_peak_bytes
+from mempo.host import step_peak_bytes
 from mempo.integrations.trl import MemPOGRPOTrainer, last_hidden_states
 
 METHODS = ("trl", "liger", "mempo")
