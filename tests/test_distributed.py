@@ -1,6 +1,10 @@
 """mempo.distributed in one process: sharding helpers and activation checkpointing (the
 two-rank FSDP2 runs are in test_checkpoint.py)."""
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,3 +73,22 @@ def test_all_reduce_sums_takes_numbers_and_device_tensors_in_one_call(monkeypatc
     out = distributed.all_reduce_sums(values)
     assert len(calls) == 1 and calls[0].dtype == torch.float64 and calls[0].numel() == 4
     assert out == {"a": 3.0, "b": 6.0, "t": 0.5, "u": 14.0}
+
+
+
+def test_cpu_ranks_flush_denormals_to_zero():
+    """init_distributed on the CPU turns on flush-to-zero (a process-wide mode, so in its own
+    process): a product below float32's smallest normal becomes 0, and softmax's sum is unchanged."""
+    code = ("import json, torch\n"
+            "from mempo.distributed import destroy_distributed, init_distributed\n"
+            "x = torch.tensor([1e-20])\n"
+            "before = (x * x).item()\n"
+            "init_distributed('cpu')\n"
+            "print(json.dumps([before, (x * x).item(), torch.softmax(torch.tensor([0.0, -100.0]), 0).tolist()]))\n"
+            "destroy_distributed()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after, probs = json.loads(proc.stdout)
+    assert before > 0.0 and after == 0.0  # 1e-40 is a float32 denormal: flushed
+    assert probs == [1.0, 0.0]  # e^-100 ~ 3.7e-44 is a denormal: 0 now
