@@ -304,7 +304,7 @@ class OptimizerConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = _field(450, "supervised warm-start steps on expert trajectories (0 = skip)")
+    steps: int = _field(700, "supervised warm-start steps on expert trajectories (0 = skip)")
     lr: float = _field(3e-3, "warm-start learning rate")
     batch_size: int = _field(16, "expert trajectories per warm-start step over all ranks")
     warmup_steps: int = _field(10, "warm-start linear warmup steps")

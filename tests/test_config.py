@@ -181,7 +181,7 @@ def test_own_data_combinations_that_cannot_work_are_config_errors(tmp_path):
         (["--env.corpus_path", str(tasks), "--sft.steps", "0"] + model, r"env.train_tasks_path must be a task file"),
         (files + ["--env.corpus_path", str(tasks), "--sft.steps", "0"], r"model.path must be a local model directory"),
         (files + model + ["--env.corpus_path", str(tasks)],
-         r"sft.data_path must be a demonstrations file for sft.steps=450"),
+         r"sft.data_path must be a demonstrations file for sft.steps=700"),
         (["--env.search_url", "http://h:1/retrieve"], r"env.search_url must be None unless env.search is 'http'"),
         (["--env.search", "http", "--env.search_url", "h:1/retrieve"],
          r"env.search_url must be an http:// or https:// URL"),

@@ -26,7 +26,7 @@ def test_default_check_prints_the_plan():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for expected in ("the run is ready", "built from the config: 3.3M parameters", "prompt: plain",
                      "train 1 obj: 240, 2 obj: 256, 3 obj: 256, 4 obj: 256",
-                     "450 steps on 1008 demonstrations (tiny world experts; 50% shown relabeled (env.relabel_names))",
+                     "700 steps on 1008 demonstrations (tiny world experts; 50% shown relabeled (env.relabel_names))",
                      "live query 'Where was", "32 trajectories per rank"):
         assert expected in proc.stdout, (expected, proc.stdout)
 
