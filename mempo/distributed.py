@@ -53,10 +53,10 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
     else:
         # Flush denormals to zero. As a model grows confident, the exps of attention's softmax and
         # the LM head's log-softmax fall below float32's smallest normal (1.2e-38), and x86 cores
-        # take microcode assists on such values: the default run's warm-start step slowed from
-        # 0.68 s to 0.87 s over its 450 steps (benchmarks/RESULTS.md, warm_start). A value that
-        # small changes no sum it enters; every pass of this process (rollout and training) is
-        # under the same mode, so their log-probs still agree bit for bit.
+        # take microcode assists on such values: a 450-step default run's warm-start step slowed
+        # from 0.68 s to 0.87 s (benchmarks/RESULTS.md, tiny_world, eighth session). Rollout and
+        # training in this process run under the same mode; that run's logged values were
+        # bit-identical with and without the flush.
         torch.set_flush_denormal(True)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():

@@ -19,16 +19,15 @@ flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_bf16 amx_tile
 """
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def test_cpu_description_names_the_model_cores_and_vector_units():
-    assert cpu_description(CPUINFO) == f"Intel(R) Xeon(R) Processor, {_cores()} cores, AVX-512 AVX-512 BF16 AMX"
+def test_cpu_description_names_the_model_cores_and_vector_units(monkeypatch):
+    # the cores this process may use (taskset, cgroups), not the machine's count
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    assert cpu_description(CPUINFO) == "Intel(R) Xeon(R) Processor, 3 cores, AVX-512 AVX-512 BF16 AMX"
     epyc = "model name\t: AMD EPYC 9R14 96-Core Processor\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
-    assert cpu_description(epyc) == f"AMD EPYC 9R14 96-Core Processor, {_cores()} cores, AVX-512 AVX-512 BF16"
+    assert cpu_description(epyc) == "AMD EPYC 9R14 96-Core Processor, 3 cores, AVX-512 AVX-512 BF16"
     # no /proc/cpuinfo (macOS) or no model line: what platform knows, never an empty name
-    assert cpu_description("") == f"{platform.processor() or platform.machine()}, {_cores()} cores"
+    assert cpu_description("") == f"{platform.processor() or platform.machine()}, 3 cores"
 
 
 @pytest.mark.skipif(not os.path.isfile("/proc/cpuinfo"), reason="Linux /proc/cpuinfo")
@@ -38,7 +37,7 @@ def test_describe_device_reads_this_host():
     text = describe_device("cpu")
     assert text == cpu_description()
     if model:
-        assert text.startswith(f"{model}, {_cores()} cores")
+        assert text.startswith(f"{model}, {len(os.sched_getaffinity(0))} cores")
 
 
 def test_peak_rss_follows_an_allocation():
